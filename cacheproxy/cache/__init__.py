@@ -1,0 +1,1 @@
+"""Cache keys, index, single-flight fills, freshness, eviction."""

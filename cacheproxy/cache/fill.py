@@ -1,0 +1,130 @@
+"""Single-flight fills: one upstream fetch per key, however many clients ask at once.
+
+A :class:`Fill` runs as its own task, independent of the clients that wait on it. Its body goes to
+a temp file of the store; every client (the first and the followers alike) reads that file as it
+grows, so followers get bytes as they arrive and a client that goes away stops nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+
+from multidict import CIMultiDict
+
+from ..storage.base import ObjectMeta
+from ..upstream.http import UpstreamResponse
+
+
+@dataclass
+class Head:
+    """What a client needs to start its response to a streaming fill."""
+
+    headers: CIMultiDict[str]  # end-to-end headers for the client
+    size: int | None  # Content-Length, when known
+
+
+@dataclass
+class Streaming:
+    fill: Fill
+    head: Head
+
+
+@dataclass
+class Buffered:
+    """A small answer held in memory: an origin error, or a remembered 404/410."""
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+    x_cache: str = "MISS"
+
+
+@dataclass
+class Hit:
+    meta: ObjectMeta
+    x_cache: str = "HIT"  # HIT, REVALIDATED or STALE
+
+
+@dataclass
+class Passthrough:
+    """A response that is not shared or stored: exactly one client takes the live upstream body."""
+
+    response: UpstreamResponse
+    x_cache: str = "MISS"
+    _claimed: bool = field(default=False, repr=False)
+
+    def claim(self) -> UpstreamResponse | None:
+        if self._claimed:
+            return None
+        self._claimed = True
+        return self.response
+
+
+Outcome = Streaming | Buffered | Hit | Passthrough
+
+
+class Fill:
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.head: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.written = 0
+        self.finished = False  # the whole body is in the file
+        self.error: str | None = None  # the body cannot be completed
+        self.task: asyncio.Task[None] | None = None
+        self._read_fd: int | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    # -- the filling side ---------------------------------------------------------------------
+
+    def start_streaming(self, path: os.PathLike[str] | str, head: Head) -> None:
+        self._read_fd = os.open(path, os.O_RDONLY)
+        self.set_outcome(Streaming(self, head))
+
+    def set_outcome(self, outcome: Outcome) -> None:
+        if not self.head.done():
+            self.head.set_result(outcome)
+
+    def set_error(self, exc: BaseException) -> None:
+        """Before the head: every waiting client gets ``exc``. After: the transfer is broken."""
+        if not self.head.done():
+            self.head.set_exception(exc)
+            self.head.exception()  # mark retrieved: a fill nobody waits for is no error
+        self.error = str(exc) or type(exc).__name__
+        self._wake()
+
+    def advance(self, n: int) -> None:
+        self.written += n
+        self._wake()
+
+    def finish(self) -> None:
+        self.finished = True
+        self._wake()
+
+    def close(self) -> None:
+        if self._read_fd is not None:
+            os.close(self._read_fd)
+            self._read_fd = None
+        if not self.finished and self.error is None:
+            self.set_error(RuntimeError("fill ended early"))
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- the reading side ---------------------------------------------------------------------
+
+    def open_reader(self) -> int:
+        """A file descriptor of the growing body, the caller's to close."""
+        assert self._read_fd is not None, "not streaming"
+        return os.dup(self._read_fd)
+
+    async def wait_beyond(self, position: int) -> None:
+        """Return when more than ``position`` bytes were written, or the fill ended either way."""
+        while self.written <= position and not self.finished and self.error is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter

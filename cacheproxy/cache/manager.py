@@ -1,0 +1,452 @@
+"""The cache: lookups against the index, single-flight fills from the origin, eviction.
+
+``Cache.get`` answers every GET/HEAD with an :data:`~.fill.Outcome`; the proxy layer turns that
+into bytes for the client. Nothing here writes to a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from multidict import CIMultiDict
+from yarl import URL
+
+from ..config import Config
+from ..errors import ProxyError, TransferAborted, UpstreamFailed
+from ..ops.metrics import Metrics
+from ..storage.base import ObjectMeta
+from ..storage.local import LocalStore, LocalWriter
+from ..upstream.http import BODY_ERRORS, HttpUpstream, UpstreamResponse, describe, end_to_end
+from ..upstream.retry import RetryBudget
+from .fill import Buffered, Fill, Head, Hit, Outcome, Passthrough
+from .freshness import client_wants_revalidation, freshness, is_fresh, unstorable_reason
+from .index import Index
+from .keys import MirrorMap
+
+log = logging.getLogger(__name__)
+
+FORWARDED_REQUEST_HEADERS = ("User-Agent", "Accept", "Accept-Language")
+BUFFER_LIMIT = 64 << 10  # origin error bodies up to this size are shared with every waiting client
+WRITE_BATCH = 4 << 20  # bytes gathered while the previous write is still running
+ARCHIVE = re.compile(r"\.(tar|tgz|tbz2?|txz|gz|xz|bz2|zst|lz|lzma|zip|7z|rpm|srpm|deb|jar|gem|crate|whl)$", re.I)
+
+
+def strong_validator(headers: Mapping[str, str]) -> str | None:
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified")
+
+
+@dataclass
+class Failure:
+    url: str
+    error: str
+    time: float
+
+
+class Cache:
+    def __init__(self, config: Config, store: LocalStore, upstream: HttpUpstream, metrics: Metrics) -> None:
+        self.config = config
+        self.store = store
+        self.upstream = upstream
+        self.metrics = metrics
+        self.index = Index()
+        self.mirrors = MirrorMap(config.upstream.mirrors)
+        self.rules = config.refresh_rules
+        self.fills: dict[str, Fill] = {}
+        self.recent_failures: collections.deque[Failure] = collections.deque(maxlen=100)
+        self._negative: dict[str, tuple[float, Buffered]] = {}
+        self._dirty: set[str] = set()
+        self._evicting = False
+        metrics.bind_store(lambda: len(self.index), lambda: self.index.total_size)
+
+    # -- start and stop -----------------------------------------------------------------------
+
+    async def load(self) -> None:
+        started = time.monotonic()
+        async for meta in self.store.scan():
+            self.index.put(meta)
+        self.index.loaded = True
+        log.info(
+            "index loaded: %d objects, %d bytes in %.2fs",
+            len(self.index),
+            self.index.total_size,
+            time.monotonic() - started,
+        )
+
+    async def close(self, grace: float = 0.0) -> None:
+        fills = [f.task for f in self.fills.values() if f.task is not None]
+        if fills and grace > 0:
+            await asyncio.wait(fills, timeout=grace)
+        for task in fills:
+            task.cancel()
+        if fills:
+            await asyncio.gather(*fills, return_exceptions=True)
+        await self.flush_access_times()
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def key_for(self, url: URL) -> str:
+        return self.mirrors.key(url)
+
+    def touch(self, meta: ObjectMeta) -> None:
+        meta.last_access = time.time()
+        self._dirty.add(meta.key)
+
+    def _vary_matches(self, meta: ObjectMeta, headers: Mapping[str, str]) -> bool:
+        return all(headers.get(name, "") == value for name, value in meta.vary.items())
+
+    async def get(self, url: URL, method: str, headers: Mapping[str, str]) -> Outcome:
+        key = self.key_for(url)
+        meta = self.index.get(key)
+        if meta is not None and not self._vary_matches(meta, headers):
+            return await self.bypass(url, method, headers, x_cache="BYPASS")
+        revalidate = client_wants_revalidation(headers)
+        if meta is not None and not revalidate and is_fresh(meta.lifetime, meta.response_time, time.time()):
+            self.touch(meta)
+            return Hit(meta)
+        negative = self._negative.get(key)
+        if negative is not None and not revalidate:
+            if negative[0] > time.monotonic():
+                return Buffered(negative[1].status, negative[1].headers, negative[1].body, "HIT")
+            del self._negative[key]
+        if method == "HEAD" and meta is None:
+            return await self.bypass(url, "HEAD", headers, x_cache="MISS")
+        fill = self.fills.get(key)
+        if fill is None:
+            fill = self._start_fill(key, url, meta, headers)
+        outcome = await asyncio.shield(fill.head)
+        if isinstance(outcome, Passthrough) and outcome.claim() is None:
+            return await self.bypass(url, method, headers, x_cache=outcome.x_cache)
+        return outcome
+
+    async def bypass(self, url: URL, method: str, headers: Mapping[str, str], x_cache: str = "BYPASS") -> Passthrough:
+        """Fetch a GET/HEAD for this client alone; nothing is stored."""
+        forward = {k: v for k, v in headers.items() if k in FORWARDED_REQUEST_HEADERS or k == "Range"}
+        response = await self.upstream.open(self.mirrors.candidates(url), forward, self.upstream.new_budget(), method)
+        passthrough = Passthrough(response, x_cache)
+        passthrough.claim()
+        return passthrough
+
+    async def forward(self, url: URL, method: str, headers: Mapping[str, str], body: object) -> Passthrough:
+        """Another method (``rules.allow_other_methods``): forwarded once, never retried or stored."""
+        forward = {k: v for k, v in end_to_end(headers).items() if k.lower() != "host"}
+        response = await self.upstream.open([url], forward, RetryBudget(0, 0), method, data=body)
+        passthrough = Passthrough(response, "BYPASS")
+        passthrough.claim()
+        return passthrough
+
+    # -- fills --------------------------------------------------------------------------------
+
+    def _start_fill(self, key: str, url: URL, stale: ObjectMeta | None, headers: Mapping[str, str]) -> Fill:
+        fill = Fill(key)
+        self.fills[key] = fill
+        forward = {k: headers[k] for k in FORWARDED_REQUEST_HEADERS if k in headers}
+        fill.task = asyncio.create_task(self._run_fill(fill, url, stale, forward), name=f"fill {key}")
+        self.metrics.fills_in_progress.inc()
+        return fill
+
+    def record_failure(self, url: URL | str, error: str) -> None:
+        self.recent_failures.append(Failure(str(url), error, time.time()))
+
+    async def _run_fill(self, fill: Fill, url: URL, stale: ObjectMeta | None, forward: dict[str, str]) -> None:
+        started = time.monotonic()
+        budget = self.upstream.new_budget()
+        response: UpstreamResponse | None = None
+        try:
+            request_headers = dict(forward)
+            if stale is not None:
+                if stale.etag:
+                    request_headers["If-None-Match"] = stale.etag
+                if stale.last_modified:
+                    request_headers["If-Modified-Since"] = stale.last_modified
+            try:
+                response = await self.upstream.open(self.mirrors.candidates(url), request_headers, budget)
+            except UpstreamFailed as exc:
+                self.record_failure(url, exc.reason)
+                if stale is not None and not stale.must_revalidate:
+                    log.warning("serving stale %s: %s", url, exc.reason)
+                    fill.set_outcome(Hit(stale, "STALE"))
+                    fill.finish()
+                    return
+                raise
+            owned, response = response, None  # from here the helpers release or hand it over
+            if owned.status == 304 and stale is not None:
+                owned.release()
+                await self._revalidated(fill, stale, owned)
+                return
+            if owned.status != 200:
+                await self._origin_error(fill, url, owned)
+                return
+            await self._fill_body(fill, url, owned, budget, forward)
+            self.metrics.upstream_fetch_seconds.observe(time.monotonic() - started)
+        except ProxyError as exc:
+            fill.set_error(exc)
+        except asyncio.CancelledError:
+            fill.set_error(UpstreamFailed("the fill was cancelled (shutting down)"))
+            raise
+        except Exception as exc:  # a bug or an I/O error: the clients must see an error, not hang
+            log.exception("fill of %s failed", url)
+            fill.set_error(UpstreamFailed(f"internal error: {describe(exc)}") if not fill.head.done() else exc)
+        finally:
+            if response is not None:
+                response.release()
+            fill.close()
+            self.fills.pop(fill.key, None)
+            self.metrics.fills_in_progress.dec()
+
+    async def _revalidated(self, fill: Fill, stale: ObjectMeta, response: UpstreamResponse) -> None:
+        merged = CIMultiDict({h: getattr(stale, h.lower().replace("-", "_")) or "" for h in ("ETag", "Last-Modified")})
+        for name in ("ETag", "Last-Modified", "Cache-Control", "Expires", "Date"):
+            if name in response.headers:
+                merged[name] = response.headers[name]
+        now = time.time()
+        fresh = freshness(URL(stale.url).path, merged, now, self.rules)
+        stale.response_time = now
+        stale.lifetime = fresh.lifetime
+        stale.must_revalidate = fresh.must_revalidate
+        stale.etag = merged.get("ETag") or None
+        stale.last_modified = merged.get("Last-Modified") or None
+        self.touch(stale)
+        await self.store.update_meta(stale)
+        fill.set_outcome(Hit(stale, "REVALIDATED"))
+        fill.finish()
+
+    async def _origin_error(self, fill: Fill, url: URL, response: UpstreamResponse) -> None:
+        """A non-200 final answer: shared with every waiter when small, remembered if 404/410."""
+        if response.status >= 400:
+            self.record_failure(url, f"origin answered {response.status}")
+        length = response.content_length
+        if length is not None and length > BUFFER_LIMIT:
+            fill.set_outcome(Passthrough(response))
+            return
+        try:
+            body = await response.raw.content.read(BUFFER_LIMIT + 1)
+        except BODY_ERRORS as exc:
+            response.close()
+            raise UpstreamFailed(f"upstream failed: {describe(exc)}") from None
+        if len(body) > BUFFER_LIMIT:
+            response.close()
+            raise UpstreamFailed(f"origin answered {response.status} with an error body over {BUFFER_LIMIT} bytes")
+        response.release()
+        buffered = Buffered(response.status, end_to_end(response.headers), body)
+        if response.status in (404, 410) and self.config.rules.negative_ttl > 0:
+            self._negative[fill.key] = (time.monotonic() + self.config.rules.negative_ttl, buffered)
+        fill.set_outcome(buffered)
+
+    async def _fill_body(
+        self, fill: Fill, url: URL, response: UpstreamResponse, budget: RetryBudget, forward: dict[str, str]
+    ) -> None:
+        headers = response.headers
+        size = response.content_length
+        not_stored = unstorable_reason(headers)
+        max_size = self.config.cache.max_object_size
+        if not_stored is None and size is not None and size > max_size:
+            not_stored = f"larger than cache.max_object_size ({size} > {max_size})"
+        html = "text/html" in headers.get("Content-Type", "").lower()
+        if not_stored is None and html and self.config.rules.refuse_html_archives and ARCHIVE.search(url.path):
+            self.record_failure(url, "origin answered an HTML page for an archive URL")
+            not_stored = "HTML body for an archive URL"
+        if not_stored is not None:
+            log.info("not storing %s: %s", url, not_stored)
+            fill.set_outcome(Passthrough(response))
+            return
+        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        writer = await self.store.begin_write(fill.key)
+        try:
+            fill.start_streaming(writer.path, Head(end_to_end(headers), size))
+            response = await self._tee(fill, response, writer, budget, forward, size)
+            if size is not None and writer.written != size:
+                raise TransferAborted(f"got {writer.written} of {size} bytes")
+            fill.finish()
+            storable = (size is not None or chunked) and writer.written <= max_size
+            if not storable:
+                log.info("not storing %s: body length unknown (no Content-Length, not chunked)", url)
+                await writer.abort()
+                return
+            await self._commit(fill.key, url, response, writer)
+        except BaseException as exc:
+            await writer.abort()
+            if isinstance(exc, TransferAborted):
+                self.record_failure(url, str(exc))
+                log.warning("fill of %s aborted: %s", url, exc)
+                fill.set_error(exc)
+                return
+            raise
+        finally:
+            response.release()
+
+    async def _tee(
+        self,
+        fill: Fill,
+        response: UpstreamResponse,
+        writer: LocalWriter,
+        budget: RetryBudget,
+        forward: dict[str, str],
+        size: int | None,
+    ) -> UpstreamResponse:
+        """Copy the body into the writer; resume with Range after a drop. Return the last response."""
+        validator = strong_validator(response.headers)
+        pending: asyncio.Task[None] | None = None
+        buffer = bytearray()
+
+        async def flush(data: bytes) -> None:
+            await writer.write(data)
+            fill.advance(len(data))
+
+        async def drain() -> None:
+            nonlocal pending
+            if buffer:
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(flush(bytes(buffer)))
+                buffer.clear()
+            if pending is not None:
+                await pending
+                pending = None
+
+        try:
+            while True:
+                try:
+                    chunk = await response.read_chunk()
+                except BODY_ERRORS as exc:
+                    await drain()
+                    response.close()
+                    response = await self._resume(response, writer.written, validator, budget, forward, exc)
+                    continue
+                if not chunk:
+                    break
+                buffer += chunk
+                if pending is not None and pending.done():
+                    pending.result()
+                    pending = None
+                if pending is None:
+                    pending = asyncio.ensure_future(flush(bytes(buffer)))
+                    buffer.clear()
+                elif len(buffer) >= WRITE_BATCH:
+                    await pending
+                    pending = asyncio.ensure_future(flush(bytes(buffer)))
+                    buffer.clear()
+            await drain()
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+        return response
+
+    async def _resume(
+        self,
+        response: UpstreamResponse,
+        offset: int,
+        validator: str | None,
+        budget: RetryBudget,
+        forward: dict[str, str],
+        cause: BaseException,
+    ) -> UpstreamResponse:
+        reason = describe(cause)
+        while True:
+            if validator is None or response.headers.get("Accept-Ranges", "").lower() == "none":
+                raise TransferAborted(f"transfer broke at byte {offset} ({reason}) and the origin cannot resume")
+            if not await budget.spend():
+                raise TransferAborted(f"transfer broke at byte {offset} ({reason}); retries exhausted")
+            log.info("resuming %s at byte %d after: %s", response.url, offset, reason)
+            try:
+                resumed = await self.upstream.resume(response.url, offset, validator, forward)
+            except (*BODY_ERRORS, ProxyError) as exc:
+                reason = describe(exc)
+                continue
+            if resumed is None:
+                raise TransferAborted(f"transfer broke at byte {offset} and the origin did not resume it")
+            return resumed
+
+    async def _commit(self, key: str, url: URL, response: UpstreamResponse, writer: LocalWriter) -> None:
+        now = time.time()
+        sha256, md5 = writer.digests()
+        fresh = freshness(url.path, response.headers, now, self.rules)
+        vary = {}
+        for name in response.headers.get("Vary", "").split(","):
+            name = name.strip()
+            if name and name.lower() != "accept-encoding":  # we always fetch the identity encoding
+                vary[name] = response.raw.request_info.headers.get(name, "")
+        h = response.headers
+        meta = ObjectMeta(
+            key=key,
+            url=str(url),
+            size=writer.written,
+            sha256=sha256,
+            md5=md5,
+            stored_at=now,
+            response_time=now,
+            lifetime=fresh.lifetime,
+            must_revalidate=fresh.must_revalidate,
+            content_type=h.get("Content-Type"),
+            content_disposition=h.get("Content-Disposition"),
+            content_encoding=h.get("Content-Encoding"),
+            etag=h.get("ETag"),
+            last_modified=h.get("Last-Modified"),
+            vary=vary,
+            last_access=now,
+        )
+        meta = await writer.commit(meta)
+        self.index.put(meta)
+        log.info("stored %s (%d bytes, sha256 %s)", url, meta.size, sha256)
+        await self.evict_if_needed()
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def capacity(self) -> int:
+        total, _ = self.store.disk_usage()
+        return self.config.cache.max_size.resolve(total)
+
+    async def evict_if_needed(self) -> int:
+        if self._evicting:
+            return 0
+        capacity = self.capacity()
+        if self.index.total_size <= capacity * self.config.cache.high_watermark:
+            return 0
+        self._evicting = True
+        evicted = 0
+        try:
+            target = capacity * self.config.cache.low_watermark
+            for meta in self.index.least_recently_used():
+                if self.index.total_size <= target:
+                    break
+                if meta.key in self.fills:
+                    continue
+                await self.purge(meta)
+                evicted += 1
+            self.metrics.evictions.inc(evicted)
+            log.info("evicted %d objects; store now %d bytes", evicted, self.index.total_size)
+        finally:
+            self._evicting = False
+        return evicted
+
+    async def purge(self, meta: ObjectMeta) -> None:
+        self.index.remove(meta.key)
+        self._dirty.discard(meta.key)
+        await self.store.delete(meta)
+
+    async def flush_access_times(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for key in dirty:
+            meta = self.index.get(key)
+            if meta is not None:
+                await self.store.update_meta(meta)
+
+    async def cleanup(self) -> None:
+        """Periodic: persist access times, evict, remove leftovers of interrupted fills."""
+        await self.flush_access_times()
+        await self.evict_if_needed()
+        now = time.monotonic()
+        self._negative = {k: v for k, v in self._negative.items() if v[0] > now}
+        active = {f.key for f in self.fills.values()}
+        removed = await self.store.run(self.store.remove_stale_temp, active)
+        if removed:
+            log.info("removed %d leftover temp file(s)", removed)

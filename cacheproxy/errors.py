@@ -1,0 +1,81 @@
+"""What can go wrong on a proxied request, and how it is answered (SPEC section 6).
+
+Every error cacheproxy makes itself is a :class:`ProxyError`; :func:`error_response` is the one
+place that turns it into a status, an ``X-Cacheproxy-Error`` code and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+ERROR_HEADER = "X-Cacheproxy-Error"
+VIA = "1.1 cacheproxy"
+
+
+class ProxyError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, reason: str, *, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "bad_request"
+
+
+class BadUrl(BadRequest):
+    code = "bad_url"
+
+
+class UnsupportedScheme(BadRequest):
+    code = "unsupported_scheme"
+
+
+class Denied(ProxyError):
+    """403; ``code`` is one of client_denied, host_denied, suffix_denied, private_upstream, port_denied."""
+
+    status = 403
+    code = "denied"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    code = "rate_limited"
+
+
+class UpstreamFailed(ProxyError):
+    """No usable response after all retries (connect/TLS error, truncation before the first byte)."""
+
+    status = 502
+    code = "upstream_failed"
+
+
+class UpstreamTimeout(UpstreamFailed):
+    status = 504
+    code = "upstream_timeout"
+
+
+class TransferAborted(Exception):
+    """Bytes already reached the client and the transfer cannot be completed."""
+
+
+def error_response(request: web.BaseRequest, exc: ProxyError) -> web.Response:
+    headers = {ERROR_HEADER: exc.code, "Via": VIA, **exc.headers}
+    if "application/json" in request.headers.get("Accept", ""):
+        body = json.dumps({"error": exc.code, "status": exc.status, "reason": exc.reason}) + "\n"
+        return web.Response(status=exc.status, text=body, content_type="application/json", headers=headers)
+    reason = " ".join(exc.reason.split())  # one line, whatever the cause said
+    return web.Response(status=exc.status, text=f"{exc.code}: {reason}\n", headers=headers)

@@ -1,0 +1,62 @@
+"""Who may use the proxy, and for which origins and files (``rules.*``)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+
+from aiohttp import web
+from yarl import URL
+
+from ..config import Config, IPNetwork
+from ..errors import Denied
+
+
+def _in(address: str | None, networks: Sequence[IPNetwork]) -> bool:
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+class AccessRules:
+    def __init__(self, config: Config) -> None:
+        rules = config.rules
+        self._clients = rules.allow_clients
+        self._trusted = config.trusted_proxies
+        self._allow_hosts = [p.lower() for p in rules.allow_upstream_hosts]
+        self._deny_hosts = [p.lower() for p in rules.deny_upstream_hosts]
+        self._allow_suffixes = tuple(s.lower() for s in rules.allow_suffixes)
+        self._deny_suffixes = tuple(s.lower() for s in rules.deny_suffixes)
+
+    def client_address(self, request: web.BaseRequest) -> str:
+        """The client's address; X-Forwarded-For is believed only from ``trusted_proxies``."""
+        remote = request.remote or ""
+        if self._trusted and _in(remote, self._trusted):
+            hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+            for hop in reversed(hops):
+                if not _in(hop, self._trusted):
+                    return hop
+        return remote
+
+    def check_client(self, address: str) -> None:
+        if not _in(address, self._clients):
+            raise Denied(f"client {address} is not in rules.allow_clients", code="client_denied")
+
+    def check_url(self, url: URL) -> None:
+        host = (url.host or "").lower()
+        if any(fnmatchcase(host, p) for p in self._deny_hosts) or not any(
+            fnmatchcase(host, p) for p in self._allow_hosts
+        ):
+            raise Denied(f"upstream host {host} is not allowed", code="host_denied")
+        path = url.path.lower()
+        if self._allow_suffixes and not path.endswith(self._allow_suffixes):
+            raise Denied(f"only URLs ending in {', '.join(self._allow_suffixes)} are served", code="suffix_denied")
+        if path.endswith(self._deny_suffixes):
+            raise Denied(f"URLs ending in {path.rsplit('.', 1)[-1]!r} are not served", code="suffix_denied")

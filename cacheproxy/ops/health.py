@@ -1,0 +1,36 @@
+"""Service endpoints for machines: liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..state import STATE
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    checks: dict[str, dict[str, object]] = {}
+    problem = await state.store.check_writable()
+    checks["store_writable"] = {"ok": problem is None, **({"error": problem} if problem else {})}
+    loaded = state.cache.index.loaded
+    checks["index_loaded"] = {"ok": loaded, "objects": len(state.cache.index)}
+    ready = all(c["ok"] for c in checks.values())
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[STATE].metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/_cacheproxy/healthz", healthz)
+    app.router.add_get("/_cacheproxy/readyz", readyz)
+    app.router.add_get("/_cacheproxy/metrics", metrics)
+    app.router.add_get("/metrics", metrics)

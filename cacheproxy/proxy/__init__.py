@@ -1,0 +1,1 @@
+"""Request forms and client responses."""

@@ -1,0 +1,259 @@
+"""Writing an :data:`~cacheproxy.cache.fill.Outcome` to the client.
+
+Hits go out with sendfile from the stored body, honouring HEAD, a single Range (206/416) and
+If-None-Match / If-Modified-Since (304) against the origin's validators kept with the object.
+Misses are read from the fill's growing file as bytes arrive. A transfer that cannot be
+completed resets the client connection: wget and curl must see an error, never a short file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import time
+from email.utils import formatdate
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from ..cache.fill import Buffered, Hit, Outcome, Passthrough, Streaming
+from ..cache.freshness import http_date
+from ..errors import VIA, TransferAborted
+from ..ops.metrics import Metrics
+from ..storage.base import ObjectMeta
+from ..storage.local import LocalStore
+from ..upstream.http import BODY_ERRORS, end_to_end
+
+READ_CHUNK = 1 << 20
+SENT = "cacheproxy.sent"  # request key: body bytes sent, for the access log
+
+
+def _count(request: web.BaseRequest, metrics: Metrics, source: str, n: int) -> None:
+    request[SENT] = request.get(SENT, 0) + n
+    metrics.response_bytes.labels(source).inc(n)
+
+
+def abort_connection(request: web.BaseRequest) -> None:
+    """Reset the client connection (RST, not FIN) so the client cannot take a short body for whole."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
+
+
+def _single_range(request: web.BaseRequest, size: int) -> tuple[int, int] | str | None:
+    """(start, end-exclusive), None for the whole body, or "unsatisfiable"."""
+    header = request.headers.get("Range")
+    if not header or "," in header:  # multiple ranges: answer with the whole body
+        return None
+    try:
+        rng = request.http_range
+    except ValueError:
+        return None  # a malformed Range is ignored (RFC 9110 14.2)
+    start, stop = rng.start, rng.stop
+    if start is None:
+        return None
+    if start < 0:  # suffix: the last -start bytes
+        start = max(0, size + start)
+        stop = size
+    else:
+        stop = size if stop is None else min(stop, size)
+    if start >= size or stop <= start:
+        return "unsatisfiable"
+    return start, stop
+
+
+def _etag_matches(header: str, etag: str | None) -> bool:
+    if etag is None:
+        return False
+    if header.strip() == "*":
+        return True
+    bare = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == bare for tag in header.split(","))
+
+
+def _not_modified(request: web.BaseRequest, meta: ObjectMeta) -> bool:
+    inm = request.headers.get("If-None-Match")
+    if inm is not None:
+        return _etag_matches(inm, meta.etag)
+    ims = http_date(request.headers.get("If-Modified-Since"))
+    modified = http_date(meta.last_modified)
+    return ims is not None and modified is not None and modified <= ims
+
+
+def _if_range_allows(request: web.BaseRequest, meta: ObjectMeta) -> bool:
+    value = request.headers.get("If-Range")
+    if value is None:
+        return True
+    if value.startswith(('"', "W/")):
+        return meta.etag is not None and not meta.etag.startswith("W/") and value == meta.etag
+    return meta.last_modified is not None and value == meta.last_modified
+
+
+def hit_headers(meta: ObjectMeta, x_cache: str) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    headers["Content-Type"] = meta.content_type or "application/octet-stream"
+    for name, value in (
+        ("Content-Disposition", meta.content_disposition),
+        ("Content-Encoding", meta.content_encoding),
+        ("ETag", meta.etag),
+        ("Last-Modified", meta.last_modified),
+    ):
+        if value:
+            headers[name] = value
+    headers["Accept-Ranges"] = "bytes"
+    headers["X-Checksum-Sha256"] = meta.sha256
+    headers["X-Checksum-Md5"] = meta.md5
+    headers["Age"] = str(int(max(0.0, time.time() - meta.response_time)))
+    headers["Date"] = formatdate(usegmt=True)
+    headers["Via"] = VIA
+    headers["X-Cache"] = x_cache
+    return headers
+
+
+async def _sendfile(request: web.BaseRequest, fileobj: os.PathLike[str] | object, offset: int, count: int) -> None:
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    await asyncio.get_running_loop().sendfile(transport, fileobj, offset, count)  # type: ignore[arg-type]
+
+
+async def _copy_fd(response: web.StreamResponse, fd: int, start: int, stop: int) -> None:
+    """Write bytes [start, stop) of a file through the response (chunked bodies)."""
+    loop = asyncio.get_running_loop()
+    while start < stop:
+        data = await loop.run_in_executor(None, os.pread, fd, min(READ_CHUNK, stop - start), start)
+        if not data:
+            raise TransferAborted("the body file is shorter than written")
+        await response.write(data)
+        start += len(data)
+
+
+class Responder:
+    def __init__(self, store: LocalStore, metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+
+    async def send(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
+        if isinstance(outcome, Hit):
+            return await self.send_hit(request, outcome.meta, outcome.x_cache)
+        if isinstance(outcome, Streaming):
+            return await self.send_streaming(request, outcome)
+        if isinstance(outcome, Buffered):
+            return self.send_buffered(outcome)
+        return await self.send_passthrough(request, outcome)
+
+    async def send_hit(self, request: web.Request, meta: ObjectMeta, x_cache: str) -> web.StreamResponse:
+        headers = hit_headers(meta, x_cache)
+        if _not_modified(request, meta):
+            return web.Response(status=304, headers=headers)
+        span = _single_range(request, meta.size) if _if_range_allows(request, meta) else None
+        if span == "unsatisfiable":
+            headers["Content-Range"] = f"bytes */{meta.size}"
+            return web.Response(status=416, headers=headers)
+        start, stop = span if isinstance(span, tuple) else (0, meta.size)
+        response = web.StreamResponse(status=206 if isinstance(span, tuple) else 200, headers=headers)
+        if isinstance(span, tuple):
+            response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{meta.size}"
+        response.content_length = stop - start
+        loop = asyncio.get_running_loop()
+        fileobj = await loop.run_in_executor(None, open, self._store.body_path(meta), "rb")
+        try:
+            await response.prepare(request)
+            if request.method != "HEAD" and stop > start:
+                await _sendfile(request, fileobj, start, stop - start)
+                _count(request, self._metrics, "cache", stop - start)
+            await response.write_eof()
+        finally:
+            fileobj.close()
+        return response
+
+    async def send_streaming(self, request: web.Request, streaming: Streaming) -> web.StreamResponse:
+        fill, size = streaming.fill, streaming.head.size
+        headers = CIMultiDict(streaming.head.headers)
+        headers["Via"] = VIA
+        headers["X-Cache"] = "MISS"
+        status, start, stop = 200, 0, size
+        if size is not None:
+            headers["Accept-Ranges"] = "bytes"
+            span = _single_range(request, size) if "If-Range" not in request.headers else None
+            if span == "unsatisfiable":
+                headers["Content-Range"] = f"bytes */{size}"
+                return web.Response(status=416, headers=headers)
+            if isinstance(span, tuple):
+                status, (start, stop) = 206, span
+                headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+        response = web.StreamResponse(status=status, headers=headers)
+        if stop is not None:
+            response.content_length = stop - start
+        await response.prepare(request)
+        if request.method == "HEAD":
+            await response.write_eof()
+            return response
+        fileobj = os.fdopen(fill.open_reader(), "rb", buffering=0)
+        position = start
+        try:
+            while stop is None or position < stop:
+                await fill.wait_beyond(position)
+                available = fill.written if stop is None else min(fill.written, stop)
+                if available > position:
+                    if stop is not None:
+                        await _sendfile(request, fileobj, position, available - position)
+                    else:
+                        await _copy_fd(response, fileobj.fileno(), position, available)
+                    _count(request, self._metrics, "upstream", available - position)
+                    position = available
+                    continue
+                if fill.error is not None:
+                    raise TransferAborted(fill.error)
+                if fill.finished:
+                    break
+        except TransferAborted:
+            abort_connection(request)
+            return response
+        finally:
+            fileobj.close()
+        await response.write_eof()
+        return response
+
+    def send_buffered(self, buffered: Buffered) -> web.Response:
+        headers = CIMultiDict(buffered.headers)
+        headers["Via"] = VIA
+        headers["X-Cache"] = buffered.x_cache
+        return web.Response(status=buffered.status, body=buffered.body, headers=headers)
+
+    async def send_passthrough(self, request: web.Request, passthrough: Passthrough) -> web.StreamResponse:
+        upstream = passthrough.response
+        try:
+            headers = end_to_end(upstream.headers)
+            headers["Via"] = VIA
+            headers["X-Cache"] = passthrough.x_cache
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            if request.method == "HEAD" or upstream.status in (204, 304):
+                await response.write_eof()
+                return response
+            while True:
+                try:
+                    chunk = await upstream.read_chunk()
+                except BODY_ERRORS:
+                    abort_connection(request)
+                    return response
+                if not chunk:
+                    break
+                await response.write(chunk)
+                _count(request, self._metrics, "upstream", len(chunk))
+            await response.write_eof()
+            return response
+        finally:
+            upstream.release()

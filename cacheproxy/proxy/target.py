@@ -1,0 +1,63 @@
+"""The request forms of SPEC section 1: which origin URL a request asks for.
+
+- absolute-form: ``GET http://origin/path HTTP/1.1`` (also ``https://`` and ``ftp://``);
+- URL-in-path: ``GET /https://origin/path``, the legacy ``GET /download/https://origin/path``,
+  and ``/https:/origin/path`` where a client folded ``//`` into ``/``;
+- anything else is for the proxy itself (``/_cacheproxy/...``, ``/metrics``) or a usage error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from yarl import URL
+
+from ..errors import BadRequest, BadUrl, UnsupportedScheme
+
+SCHEMES = ("http", "https", "ftp")
+SERVICE_PREFIX = "/_cacheproxy/"
+_IN_PATH = re.compile(r"^/(?:download/)?([A-Za-z][A-Za-z0-9+.-]*):/+(.*)$", re.S)
+
+USAGE = (
+    "cacheproxy is a caching forward proxy. Use it as an HTTP proxy "
+    "(curl -x http://HOST:PORT URL, wget -e use_proxy=yes -e http_proxy=HOST:PORT URL, or http_proxy=), "
+    "or put the origin URL in the path: http://HOST:PORT/https://origin/path "
+    "(legacy: http://HOST:PORT/download/https://origin/path). Status: /_cacheproxy/"
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: Literal["absolute", "in_path", "service"]
+    url: URL | None = None  # the origin URL for proxied forms
+
+
+def parse_origin_url(text: str) -> URL:
+    """Parse and check an origin URL as written by a client."""
+    try:
+        url = URL(text, encoded=True)
+    except ValueError as exc:
+        raise BadUrl(f"not a valid URL: {text[:200]!r} ({exc})") from None
+    scheme = url.scheme.lower()
+    if scheme not in SCHEMES:
+        raise UnsupportedScheme(f"scheme {scheme!r} is not supported (use {', '.join(SCHEMES)})")
+    if not url.host:
+        raise BadUrl(f"the URL has no host: {text[:200]!r}")
+    return url
+
+
+def classify(raw_target: str) -> Target:
+    """What a request target asks for; raise BadRequest/BadUrl for nonsense."""
+    if not raw_target.startswith("/"):
+        return Target("absolute", parse_origin_url(raw_target))
+    if raw_target.startswith(SERVICE_PREFIX) or raw_target in ("/_cacheproxy", "/metrics"):
+        return Target("service")
+    match = _IN_PATH.match(raw_target)
+    if match:
+        scheme, rest = match.groups()
+        if not rest:
+            raise BadUrl(f"no host after {scheme}:// in {raw_target[:200]!r}")
+        return Target("in_path", parse_origin_url(f"{scheme}://{rest}"))
+    raise BadRequest(USAGE)

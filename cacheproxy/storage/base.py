@@ -1,0 +1,109 @@
+"""The storage interface: what a cache backend must do, and the metadata kept with each object."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ObjectMeta:
+    """One stored object. ``key`` is the normalized URL; everything else describes the body."""
+
+    key: str
+    url: str
+    size: int
+    sha256: str
+    md5: str
+    stored_at: float
+    response_time: float  # when the origin last confirmed this body (fill or 304)
+    lifetime: float = math.inf  # freshness lifetime in seconds from response_time
+    must_revalidate: bool = False
+    content_type: str | None = None
+    content_disposition: str | None = None
+    content_encoding: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    vary: dict[str, str] = field(default_factory=dict)  # request header -> value it varied on
+    last_access: float = 0.0
+    file: str = ""  # backend-specific location of the body
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["lifetime"] = None if math.isinf(self.lifetime) else self.lifetime
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ObjectMeta:
+        data: dict[str, Any] = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        if data.get("lifetime") is None:
+            data["lifetime"] = math.inf
+        return cls(**data)
+
+    def public(self) -> dict[str, Any]:
+        """The fields the admin API and status page show."""
+        return {
+            "url": self.url,
+            "key": self.key,
+            "size": self.size,
+            "sha256": self.sha256,
+            "md5": self.md5,
+            "content_type": self.content_type,
+            "stored_at": self.stored_at,
+            "last_access": self.last_access,
+            "etag": self.etag,
+            "last_modified": self.last_modified,
+        }
+
+
+class Writer(ABC):
+    """A body being written. Nothing is visible until :meth:`commit`; :meth:`abort` leaves nothing."""
+
+    @property
+    @abstractmethod
+    def written(self) -> int: ...
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def digests(self) -> tuple[str, str]:
+        """(sha256, md5) of what was written."""
+
+    @abstractmethod
+    async def commit(self, meta: ObjectMeta) -> ObjectMeta: ...
+
+    @abstractmethod
+    async def abort(self) -> None: ...
+
+
+class Storage(ABC):
+    """A place for bodies and their metadata, addressed by cache key."""
+
+    @abstractmethod
+    def scan(self) -> AsyncIterator[ObjectMeta]:
+        """Every committed object (and clean up what an interrupted write left)."""
+
+    @abstractmethod
+    async def stat(self, key: str) -> ObjectMeta | None: ...
+
+    @abstractmethod
+    async def begin_write(self, key: str) -> Writer: ...
+
+    @abstractmethod
+    async def update_meta(self, meta: ObjectMeta) -> None:
+        """Rewrite the metadata of a committed object (after revalidation)."""
+
+    @abstractmethod
+    async def delete(self, meta: ObjectMeta) -> None: ...
+
+    @abstractmethod
+    async def check_writable(self) -> str | None:
+        """None when writes work, else the reason they do not."""

@@ -1,0 +1,218 @@
+"""The local-disk backend.
+
+Layout under ``cache.dir``::
+
+    tmp/<digest>.<token>.part          a body being written (never visible)
+    objects/<d0d1>/<digest>.<token>    a committed body
+    objects/<d0d1>/<digest>.json       its metadata; its ``file`` names the body
+
+An object becomes visible when its ``.json`` is renamed into place, after the body was flushed and
+renamed. A crash at any point leaves at most files that no ``.json`` names; :meth:`scan` removes
+them at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..cache.keys import key_digest
+from .base import ObjectMeta, Storage, Writer
+
+log = logging.getLogger(__name__)
+
+
+class LocalWriter(Writer):
+    def __init__(self, store: LocalStore, key: str, path: Path, fd: int) -> None:
+        self._store = store
+        self._key = key
+        self.path = path
+        self._fd: int | None = fd
+        self._written = 0
+        self._sha256 = hashlib.sha256()
+        self._md5 = hashlib.md5()
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    def _write_sync(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        # hashlib releases the GIL on large buffers: this runs beside the event loop.
+        self._sha256.update(data)
+        self._md5.update(data)
+
+    async def write(self, data: bytes) -> None:
+        await self._store.run(self._write_sync, data)
+        self._written += len(data)
+
+    def digests(self) -> tuple[str, str]:
+        return self._sha256.hexdigest(), self._md5.hexdigest()
+
+    def _commit_sync(self, meta: ObjectMeta) -> ObjectMeta:
+        assert self._fd is not None
+        os.fdatasync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        digest = key_digest(self._key)
+        folder = self._store.objects_dir / digest[:2]
+        folder.mkdir(parents=True, exist_ok=True)
+        token = self.path.name.split(".")[1]
+        body = folder / f"{digest}.{token}"
+        os.rename(self.path, body)
+        meta.file = body.name
+        previous = self._store.read_meta_sync(self._key)
+        self._store.write_meta_sync(meta)
+        if previous is not None and previous.file != meta.file:
+            (folder / previous.file).unlink(missing_ok=True)
+        return meta
+
+    async def commit(self, meta: ObjectMeta) -> ObjectMeta:
+        return await self._store.run(self._commit_sync, meta)
+
+    def _abort_sync(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.path.unlink(missing_ok=True)
+
+    async def abort(self) -> None:
+        await self._store.run(self._abort_sync)
+
+
+class LocalStore(Storage):
+    def __init__(self, root: Path, executor: ThreadPoolExecutor | None = None) -> None:
+        self.root = root
+        self.objects_dir = root / "objects"
+        self.tmp_dir = root / "tmp"
+        self._executor = executor
+
+    async def run(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def body_path(self, meta: ObjectMeta) -> Path:
+        return self.objects_dir / key_digest(meta.key)[:2] / meta.file
+
+    def _meta_path(self, key: str) -> Path:
+        digest = key_digest(key)
+        return self.objects_dir / digest[:2] / f"{digest}.json"
+
+    def read_meta_sync(self, key: str) -> ObjectMeta | None:
+        try:
+            return ObjectMeta.from_json(self._meta_path(key).read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def write_meta_sync(self, meta: ObjectMeta) -> None:
+        path = self._meta_path(meta.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp.write_text(meta.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
+
+    # -- Storage --------------------------------------------------------------------------
+
+    def _scan_sync(self) -> list[ObjectMeta]:
+        self.objects_dir.mkdir(parents=True, exist_ok=True)
+        if self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)  # interrupted fills
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        found: list[ObjectMeta] = []
+        removed = 0
+        for folder in self.objects_dir.iterdir():
+            if not folder.is_dir():
+                continue
+            names = set(os.listdir(folder))
+            referenced: set[str] = set()
+            for name in names:
+                if not name.endswith(".json"):
+                    continue
+                path = folder / name
+                try:
+                    meta = ObjectMeta.from_json(path.read_bytes())
+                    size = (folder / meta.file).stat().st_size
+                except (OSError, ValueError, TypeError) as exc:
+                    log.warning("removing unreadable cache entry %s: %s", path, exc)
+                    path.unlink(missing_ok=True)
+                    continue
+                if size != meta.size:
+                    log.warning("removing cache entry %s: body has %d bytes, expected %d", path, size, meta.size)
+                    path.unlink(missing_ok=True)
+                    continue
+                referenced.add(meta.file)
+                found.append(meta)
+            for name in names - referenced:
+                if not name.endswith(".json"):
+                    (folder / name).unlink(missing_ok=True)
+                    removed += 1
+        if removed:
+            log.info("removed %d leftover file(s) of interrupted writes", removed)
+        return found
+
+    async def scan(self) -> AsyncIterator[ObjectMeta]:
+        for meta in await self.run(self._scan_sync):
+            yield meta
+
+    async def stat(self, key: str) -> ObjectMeta | None:
+        return await self.run(self.read_meta_sync, key)
+
+    def _begin_sync(self, key: str) -> LocalWriter:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        path = self.tmp_dir / f"{key_digest(key)}.{secrets.token_hex(8)}.part"
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        return LocalWriter(self, key, path, fd)
+
+    async def begin_write(self, key: str) -> LocalWriter:
+        return await self.run(self._begin_sync, key)
+
+    async def update_meta(self, meta: ObjectMeta) -> None:
+        await self.run(self.write_meta_sync, meta)
+
+    def _delete_sync(self, meta: ObjectMeta) -> None:
+        current = self.read_meta_sync(meta.key)
+        self._meta_path(meta.key).unlink(missing_ok=True)
+        self.body_path(meta).unlink(missing_ok=True)
+        if current is not None and current.file != meta.file:
+            self.body_path(current).unlink(missing_ok=True)
+
+    async def delete(self, meta: ObjectMeta) -> None:
+        await self.run(self._delete_sync, meta)
+
+    def _check_sync(self) -> str | None:
+        try:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.tmp_dir / f".probe.{secrets.token_hex(4)}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            return f"cache directory {self.root} is not writable: {exc.strerror or exc}"
+        return None
+
+    async def check_writable(self) -> str | None:
+        return await self.run(self._check_sync)
+
+    def remove_stale_temp(self, active_keys: set[str]) -> int:
+        """Remove temp files of writes that no running fill owns (blocking; run in the pool)."""
+        active = {key_digest(k) for k in active_keys}
+        removed = 0
+        for path in self.tmp_dir.glob("*.part"):
+            if path.name.split(".", 1)[0] not in active:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def disk_usage(self) -> tuple[int, int]:
+        """(total, free) bytes of the filesystem holding the store."""
+        usage = shutil.disk_usage(self.root)
+        return usage.total, usage.free

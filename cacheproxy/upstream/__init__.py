@@ -1,0 +1,1 @@
+"""Origin fetchers: HTTP(S) with retries, redirects, mirrors and resume."""

@@ -1,0 +1,246 @@
+"""HTTP(S) origins: one shared client session, redirects, retries, mirrors and resume."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .. import __version__
+from ..config import UpstreamConfig
+from ..errors import Denied, ProxyError, UpstreamFailed, UpstreamTimeout
+from ..guard.access import AccessRules
+from ..guard.ssrf import GuardedResolver, PrivateUpstreamError, SsrfGuard
+from ..ops.metrics import Metrics
+from .retry import RetryBudget
+
+log = logging.getLogger(__name__)
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10
+RETRY_STATUSES = frozenset({429}) | frozenset(range(500, 600))
+READ_BUFSIZE = 1 << 18
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Proxy-Connection",
+        "Content-Length",
+        "Via",
+        "Age",
+        "Set-Cookie",
+    )
+)
+BODY_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError)
+USER_AGENT = f"cacheproxy/{__version__}"
+
+
+@dataclass
+class UpstreamResponse:
+    """A response from the origin after redirects; the caller reads the body and releases it."""
+
+    raw: aiohttp.ClientResponse
+    url: URL  # the final URL
+
+    @property
+    def status(self) -> int:
+        return self.raw.status
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self.raw.headers
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.raw.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    async def read_chunk(self) -> bytes:
+        """The next bytes of the body (b"" at its clean end); raise on a broken transfer."""
+        return await self.raw.content.readany()
+
+    def release(self) -> None:
+        self.raw.release()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def end_to_end(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """The origin's headers minus hop-by-hop ones (and those the proxy sets itself)."""
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def map_client_error(exc: BaseException) -> ProxyError:
+    """A failed attempt as the error the client will see if it is the last one."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, PrivateUpstreamError):
+        return Denied(str(exc.os_error), code="private_upstream")
+    if isinstance(exc, PrivateUpstreamError):
+        return Denied(str(exc), code="private_upstream")
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return UpstreamTimeout(f"upstream timed out: {describe(exc)}")
+    return UpstreamFailed(f"upstream failed: {describe(exc)}")
+
+
+class HttpUpstream:
+    def __init__(self, config: UpstreamConfig, access: AccessRules, guard: SsrfGuard, metrics: Metrics) -> None:
+        self.config = config
+        self._access = access
+        self._guard = guard
+        self._metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+        self._resolver: GuardedResolver | None = None
+        self._proxy: URL | None = None
+        self._proxy_auth: aiohttp.BasicAuth | None = None
+        if config.parent_proxy:
+            proxy = URL(config.parent_proxy)
+            if proxy.user is not None:
+                self._proxy_auth = aiohttp.BasicAuth(proxy.user, proxy.password or "")
+            self._proxy = proxy.with_user(None)
+            guard.exempt_hosts.add((proxy.host or "").lower())
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if self.config.ca_bundle is not None:
+            context.load_verify_locations(cafile=str(self.config.ca_bundle))
+        return context
+
+    async def start(self) -> None:
+        self._resolver = GuardedResolver(self._guard)
+        connector = aiohttp.TCPConnector(
+            resolver=self._resolver, limit=0, ssl=self.ssl_context(), enable_cleanup_closed=False
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.config.connect_timeout,
+            sock_connect=self.config.connect_timeout,
+            sock_read=self.config.read_timeout,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,  # bytes are stored and served exactly as the origin sent them
+            trust_env=False,
+            read_bufsize=READ_BUFSIZE,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def new_budget(self) -> RetryBudget:
+        return RetryBudget(self.config.retries, self.config.retry_backoff, self._metrics.upstream_retries.inc)
+
+    async def _request_once(
+        self, method: str, url: URL, headers: Mapping[str, str], data: object = None
+    ) -> UpstreamResponse:
+        assert self._session is not None
+        for _ in range(MAX_REDIRECTS + 1):
+            self._access.check_url(url)
+            self._guard.check_literal(url.host or "")
+            if self._proxy is not None and self._resolver is not None:
+                await self._guard.check_name(self._resolver, url.host or "", url.port or 0)
+            raw = await self._session.request(
+                method,
+                url,
+                headers=headers,
+                allow_redirects=False,
+                proxy=self._proxy,
+                proxy_auth=self._proxy_auth,
+                data=data,
+            )
+            location = raw.headers.get("Location")
+            if raw.status not in REDIRECTS or not location:
+                return UpstreamResponse(raw, url)
+            raw.release()
+            url = url.join(URL(location, encoded=True))
+            if raw.status == 303 and method != "HEAD":
+                method = "GET"
+        raise UpstreamFailed(f"more than {MAX_REDIRECTS} redirects")
+
+    async def open(
+        self,
+        candidates: Sequence[URL],
+        headers: Mapping[str, str],
+        budget: RetryBudget,
+        method: str = "GET",
+        data: object = None,
+    ) -> UpstreamResponse:
+        """The first usable response, trying mirrors in order and retrying with backoff.
+
+        A 5xx or 429 still returned after the budget is spent is given back (the origin's own
+        error passes through); a connect error or timeout becomes UpstreamFailed/UpstreamTimeout.
+        """
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
+        if data is not None:
+            candidates = candidates[:1]  # a request body can be sent once
+        while True:
+            last: ProxyError | None = None
+            for i, url in enumerate(candidates):
+                try:
+                    response = await self._request_once(method, url, headers, data)
+                except Denied:
+                    raise
+                except (TimeoutError, aiohttp.ClientError, OSError, UpstreamFailed) as exc:
+                    last = map_client_error(exc)
+                    if isinstance(last, Denied):
+                        raise last from None
+                    self._metrics.upstream_requests.labels(url.scheme, "error").inc()
+                    log.info("upstream %s %s failed: %s", method, url, last.reason)
+                    continue
+                outcome = "ok" if response.status < 400 else f"{response.status // 100}xx"
+                self._metrics.upstream_requests.labels(url.scheme, outcome).inc()
+                if response.status not in RETRY_STATUSES:
+                    return response
+                if budget.left == 0 and i == len(candidates) - 1:
+                    return response
+                log.info("upstream %s %s answered %d", method, url, response.status)
+                last = UpstreamFailed(f"upstream answered {response.status}")
+                response.release()
+            assert last is not None
+            if not await budget.spend():
+                raise last
+
+    async def resume(
+        self, url: URL, offset: int, validator: str | None, headers: Mapping[str, str]
+    ) -> UpstreamResponse | None:
+        """The rest of a body from ``offset``, or None when the origin would send something else."""
+        if validator is None:
+            return None
+        ranged = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
+        ranged.update({"Range": f"bytes={offset}-", "If-Range": validator})
+        try:
+            response = await self._request_once("GET", url, ranged)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self._metrics.upstream_requests.labels(url.scheme, "error").inc()
+            log.info("resume of %s at %d failed: %s", url, offset, describe(exc))
+            raise
+        content_range = response.headers.get("Content-Range", "")
+        if response.status == 206 and content_range.startswith(f"bytes {offset}-"):
+            self._metrics.upstream_requests.labels(url.scheme, "ok").inc()
+            return response
+        response.release()
+        return None
