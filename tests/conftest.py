@@ -1,0 +1,138 @@
+"""Fixtures: a real origin and a real cacheproxy on ephemeral loopback ports, and real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from cacheproxy.app import create_app, runner_for
+from cacheproxy.config import load_config
+from cacheproxy.state import STATE, AppState
+
+from .origin import Origin
+
+for tool in ("wget", "curl"):
+    if shutil.which(tool) is None:
+        raise RuntimeError(f"{tool} is needed by the tests: run the README's test command, which installs it")
+
+
+@dataclass
+class Proxy:
+    runner: web.AppRunner
+    port: int
+    cache_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def state(self) -> AppState:
+        return self.runner.app[STATE]
+
+    def in_path(self, origin_url: str) -> URL:
+        return URL(f"{self.url}/{origin_url}", encoded=True)
+
+    async def get(self, origin_url: str, **kwargs: Any) -> tuple[aiohttp.ClientResponse, bytes]:
+        """GET through the proxy in absolute-form, as curl -x and wget do."""
+        return await self.request("GET", origin_url, **kwargs)
+
+    async def request(self, method: str, origin_url: str, **kwargs: Any) -> tuple[aiohttp.ClientResponse, bytes]:
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            async with session.request(method, origin_url, proxy=self.url, **kwargs) as response:
+                return response, await response.read()
+
+    async def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until no fill runs (a fill outlives the client that started it)."""
+        for _ in range(int(timeout / 0.02)):
+            if not self.state.cache.fills:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("fills still running")
+
+
+MakeProxy = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    server = Origin()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def config_values(cache_dir: Path, **overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "cache.dir": str(cache_dir),
+        "rules.allow_private_upstreams": True,
+        "upstream.retry_backoff": "10ms",
+        "upstream.connect_timeout": "2s",
+        "upstream.read_timeout": "2s",
+        "log.level": "debug",
+    }
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return values
+
+
+@pytest.fixture
+async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
+    runners: list[web.AppRunner] = []
+
+    async def make(cache_dir: Path | None = None, **overrides: Any) -> Proxy:
+        """A proxy; ``overrides`` are config keys with ``__`` for dots (``rules__negative_ttl=0``)."""
+        cache_dir = cache_dir or tmp_path / "cache"
+        config = load_config(None, config_values(cache_dir, **overrides))
+        runner = runner_for(create_app(config, grace=1.0), grace=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return Proxy(runner, port, cache_dir)
+
+    yield make
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy) -> Proxy:
+    return await make_proxy()
+
+
+@dataclass
+class Run:
+    rc: int
+    stdout: bytes
+    stderr: str
+
+
+async def run(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> Run:
+    """Run a real client without blocking the event loop the servers live in."""
+    process = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return Run(process.returncode, stdout, stderr.decode(errors="replace"))
+
+
+def curl(proxy: Proxy, url: str, *extra: str) -> Awaitable[Run]:
+    return run("curl", "-sS", "--noproxy", "", "-x", proxy.url, *extra, url)
+
+
+def wget(proxy: Proxy, url: str, output: Path, *extra: str) -> Awaitable[Run]:
+    return run(
+        "wget", "-q", "--tries=1", "-e", "use_proxy=yes", "-e", f"http_proxy=127.0.0.1:{proxy.port}",
+        "-O", str(output), *extra, url,
+    )
