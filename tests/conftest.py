@@ -133,6 +133,15 @@ def curl(proxy: Proxy, url: str, *extra: str) -> Awaitable[Run]:
 
 def wget(proxy: Proxy, url: str, output: Path, *extra: str) -> Awaitable[Run]:
     return run(
-        "wget", "-q", "--tries=1", "-e", "use_proxy=yes", "-e", f"http_proxy=127.0.0.1:{proxy.port}",
-        "-O", str(output), *extra, url,
+        "wget",
+        "-q",
+        "--tries=1",
+        "-e",
+        "use_proxy=yes",
+        "-e",
+        f"http_proxy=127.0.0.1:{proxy.port}",
+        "-O",
+        str(output),
+        *extra,
+        url,
     )

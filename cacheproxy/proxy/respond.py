@@ -27,7 +27,7 @@ from ..storage.local import LocalStore
 from ..upstream.http import BODY_ERRORS, end_to_end
 
 READ_CHUNK = 1 << 20
-SENT = "cacheproxy.sent"  # request key: body bytes sent, for the access log
+SENT = web.RequestKey("sent", int)  # body bytes sent, for the access log
 
 
 def _count(request: web.BaseRequest, metrics: Metrics, source: str, n: int) -> None:

@@ -1,0 +1,140 @@
+"""The cacheproxy command as a real process: config errors, crash safety, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from .conftest import run
+from .origin import Origin
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp_path: Path, port: int, **extra: object) -> Path:
+    config = {
+        "listen": f"127.0.0.1:{port}",
+        "cache": {"dir": str(tmp_path / "cache")},
+        "rules": {"allow_private_upstreams": True},
+        "upstream": {"retry_backoff": "10ms"},
+        **extra,
+    }
+    path = tmp_path / "cacheproxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@asynccontextmanager
+async def cacheproxy_process(config: Path, port: int, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cacheproxy",
+        "serve",
+        "-c",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/_cacheproxy/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("cacheproxy did not become ready")
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_check_config_reports_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache:\n  max_size: lots\n  colour: red\nupstream:\n  retries: -1\n")
+    result = await run(sys.executable, "-m", "cacheproxy", "check-config", "-c", str(bad))
+    assert result.rc == 2
+    assert f"{bad}:cache.max_size: not a size" in result.stderr
+    assert f"{bad}:cache.colour: unknown key" in result.stderr
+    assert f"{bad}:upstream.retries:" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = await run(sys.executable, "-m", "cacheproxy", "serve", "-c", str(bad))
+    assert result.rc == 2 and "cache.max_size" in result.stderr
+    result = await run(sys.executable, "-m", "cacheproxy", "check-config", "-c", str(tmp_path / "missing.yaml"))
+    assert result.rc == 2 and "cannot read config file" in result.stderr
+
+
+async def test_check_config_prints_effective_config_with_secrets_masked(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "storage:\n  backend: obs\n  obs:\n    endpoint: http://127.0.0.1:1\n"
+        "    access_key_id: AKID\n    secret_access_key: ${TEST_SECRET_SK}\nadmin: {tokens: [tok123]}\n"
+    )
+    env = {**os.environ, "TEST_SECRET_SK": "very-secret-value"}
+    result = await run(sys.executable, "-m", "cacheproxy", "check-config", "-c", str(good), env=env)
+    assert result.rc == 0, result.stderr
+    effective = yaml.safe_load(result.stdout)
+    assert effective["storage"]["obs"]["endpoint"] == "http://127.0.0.1:1"
+    assert effective["listen"] == ["127.0.0.1:3128"] and effective["cache"]["dir"] == "cache"
+    assert b"very-secret-value" not in result.stdout and b"tok123" not in result.stdout
+    assert b"AKID" not in result.stdout
+
+
+async def test_kill_9_during_fill_leaves_no_partial_object(origin: Origin, tmp_path: Path) -> None:
+    route = origin.add("/crash.tar.gz", body=os.urandom(2 << 20), rate=1 << 20)
+    port = free_port()
+    config = write_config(tmp_path, port)
+    proxy_url = f"http://127.0.0.1:{port}"
+    async with cacheproxy_process(config, port) as process:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(origin.url("/crash.tar.gz"), proxy=proxy_url) as response:
+                await response.content.readexactly(300_000)
+                process.send_signal(signal.SIGKILL)
+                await process.wait()
+    objects = tmp_path / "cache" / "objects"
+    assert not list(objects.rglob("*.json")), "no object may be visible after a crash mid-fill"
+    assert list((tmp_path / "cache" / "tmp").glob("*.part")), "the crash left its temp file (removed at start)"
+    async with cacheproxy_process(config, port):
+        assert not list((tmp_path / "cache" / "tmp").glob("*.part"))
+        async with aiohttp.ClientSession() as session:
+            async with session.get(origin.url("/crash.tar.gz"), proxy=proxy_url) as response:
+                body = await response.read()
+                assert response.headers["X-Cache"] == "MISS"
+    assert hashlib.sha256(body).hexdigest() == route.sha256
+    assert origin.hits("/crash.tar.gz") == 2
+
+
+async def test_sigterm_lets_running_transfers_finish(origin: Origin, tmp_path: Path) -> None:
+    route = origin.add("/drain.tar.gz", body=os.urandom(1 << 20), rate=1 << 20)  # about 1 s
+    port = free_port()
+    config = write_config(tmp_path, port)
+    async with cacheproxy_process(config, port, "--grace", "20s") as process:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(origin.url("/drain.tar.gz"), proxy=f"http://127.0.0.1:{port}") as response:
+                first = await response.content.readexactly(100_000)
+                process.send_signal(signal.SIGTERM)
+                rest = await response.read()
+        assert first + rest == route.body
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, "no longer accepting"
