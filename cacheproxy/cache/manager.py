@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 FORWARDED_REQUEST_HEADERS = ("User-Agent", "Accept", "Accept-Language")
 BUFFER_LIMIT = 64 << 10  # origin error bodies up to this size are shared with every waiting client
-WRITE_BATCH = 4 << 20  # bytes gathered while the previous write is still running
+WRITE_MIN = 1 << 20  # a write waits for this many bytes ...
+WRITE_WAIT = 0.05  # ... or this many seconds, so that slow origins still stream promptly
+WRITE_BATCH = 8 << 20  # bytes gathered while the previous write is still running
 ARCHIVE = re.compile(r"\.(tar|tgz|tbz2?|txz|gz|xz|bz2|zst|lz|lzma|zip|7z|rpm|srpm|deb|jar|gem|crate|whl)$", re.I)
 
 
@@ -296,6 +298,8 @@ class Cache:
         validator = strong_validator(response.headers)
         pending: asyncio.Task[None] | None = None
         buffer = bytearray()
+        loop = asyncio.get_running_loop()
+        last_flush = loop.time()
 
         async def flush(data: bytes) -> None:
             await writer.write(data)
@@ -327,7 +331,9 @@ class Cache:
                 if pending is not None and pending.done():
                     pending.result()
                     pending = None
-                if pending is None:
+                now = loop.time()
+                if pending is None and (len(buffer) >= WRITE_MIN or now - last_flush >= WRITE_WAIT):
+                    last_flush = now
                     pending = asyncio.ensure_future(flush(bytes(buffer)))
                     buffer.clear()
                 elif len(buffer) >= WRITE_BATCH:
