@@ -331,15 +331,15 @@ class Cache:
                 if pending is not None and pending.done():
                     pending.result()
                     pending = None
-                now = loop.time()
-                if pending is None and (len(buffer) >= WRITE_MIN or now - last_flush >= WRITE_WAIT):
-                    last_flush = now
-                    pending = asyncio.ensure_future(flush(bytes(buffer)))
-                    buffer.clear()
-                elif len(buffer) >= WRITE_BATCH:
+                if pending is not None:
+                    if len(buffer) < WRITE_BATCH:
+                        continue  # gather more while the previous write runs
                     await pending
-                    pending = asyncio.ensure_future(flush(bytes(buffer)))
-                    buffer.clear()
+                elif len(buffer) < WRITE_MIN and loop.time() - last_flush < WRITE_WAIT:
+                    continue
+                last_flush = loop.time()
+                pending = asyncio.ensure_future(flush(bytes(buffer)))
+                buffer.clear()
             await drain()
         finally:
             if pending is not None and not pending.done():
