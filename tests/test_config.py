@@ -87,3 +87,9 @@ def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     assert raised.value.problems[0].startswith(f"{path}:")
+
+
+def test_sample_config_is_valid_and_matches_defaults() -> None:
+    sample = load_config(Path(__file__).parent.parent / "conf" / "cacheproxy.yaml")
+    defaults = load_config(None)
+    assert sample.rules == defaults.rules and sample.upstream == defaults.upstream and sample.cache == defaults.cache
