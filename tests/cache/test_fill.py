@@ -209,3 +209,26 @@ async def test_mirrors_share_a_key_and_fail_over(make_proxy: MakeProxy, origin: 
     response, body = await proxy.get(origin.url("/mirror/make-4.4.tar.gz"))
     assert response.headers["X-Cache"] == "HIT" and body == route.body
     assert origin.hits("/mirror/make-4.4.tar.gz") == 1
+
+
+async def test_slow_origin_times_out_with_504(make_proxy: MakeProxy, origin: Origin) -> None:
+    proxy = await make_proxy(upstream__read_timeout="300ms", upstream__retries=1)
+    origin.add("/stuck.tar.gz", body=b"s", delay=2.0)
+    started = time.monotonic()
+    response, _ = await proxy.get(origin.url("/stuck.tar.gz"))
+    assert response.status == 504 and response.headers["X-Cacheproxy-Error"] == "upstream_timeout"
+    assert time.monotonic() - started < 1.9
+    assert origin.hits("/stuck.tar.gz") == 2
+
+
+async def test_parent_proxy_carries_upstream_traffic(make_proxy: MakeProxy, origin: Origin, tmp_path: Path) -> None:
+    parent = await make_proxy(tmp_path / "parent")
+    child = await make_proxy(tmp_path / "child", upstream__parent_proxy=parent.url)
+    route = origin.add("/via-parent.tar.gz", body=os.urandom(10_000))
+    response, body = await child.get(origin.url("/via-parent.tar.gz"))
+    assert response.status == 200 and body == route.body
+    await child.wait_idle()
+    await parent.wait_idle()
+    assert parent.state.cache.index.get(origin.url("/via-parent.tar.gz")) is not None, "went through the parent"
+    assert child.state.cache.index.get(origin.url("/via-parent.tar.gz")) is not None
+    assert origin.hits("/via-parent.tar.gz") == 1
