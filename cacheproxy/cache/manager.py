@@ -205,7 +205,12 @@ class Cache:
             self.metrics.fills_in_progress.dec()
 
     async def _revalidated(self, fill: Fill, stale: ObjectMeta, response: UpstreamResponse) -> None:
-        merged = CIMultiDict({h: getattr(stale, h.lower().replace("-", "_")) or "" for h in ("ETag", "Last-Modified")})
+        # The 304 may update validators and freshness; what it leaves out stays as stored.
+        merged: CIMultiDict[str] = CIMultiDict()
+        if stale.etag:
+            merged["ETag"] = stale.etag
+        if stale.last_modified:
+            merged["Last-Modified"] = stale.last_modified
         for name in ("ETag", "Last-Modified", "Cache-Control", "Expires", "Date"):
             if name in response.headers:
                 merged[name] = response.headers[name]
