@@ -84,15 +84,27 @@ def runner_for(app: web.Application, grace: float = DEFAULT_GRACE) -> web.AppRun
     )
 
 
-async def serve(config: Config, grace: float = DEFAULT_GRACE) -> None:
-    """Run until SIGTERM/SIGINT; then stop accepting and let transfers finish for ``grace`` seconds."""
+async def serve(config: Config, grace: float = DEFAULT_GRACE, worker: int | None = None) -> None:
+    """Run until SIGTERM/SIGINT; then stop accepting and let transfers finish for ``grace`` seconds.
+
+    ``worker`` is set in a process of a ``workers`` > 1 group: each worker listens on its own
+    socket bound with SO_REUSEPORT, and the kernel spreads new connections over them.
+    """
     app = create_app(config, grace)
     runner = runner_for(app, grace)
     await runner.setup()
     for address in config.listen:
-        site = web.TCPSite(runner, address.host, address.port, backlog=LISTEN_BACKLOG, reuse_address=True)
+        site = web.TCPSite(
+            runner,
+            address.host,
+            address.port,
+            backlog=LISTEN_BACKLOG,
+            reuse_address=True,
+            reuse_port=worker is not None,
+        )
         await site.start()
-        log.info("listening on %s (cache %s)", address, config.cache.dir)
+        if not worker:
+            log.info("listening on %s (cache %s)", address, config.cache.dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

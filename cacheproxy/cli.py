@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from typing import Any
@@ -28,13 +27,12 @@ def _config_from(args: argparse.Namespace) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .app import serve
+    from . import workers
     from .ops.logging import setup_logging
 
     config = _config_from(args)
     setup_logging(config.log)
-    asyncio.run(serve(config, grace=parse_duration(args.grace)))
-    return 0
+    return workers.run(config, grace=parse_duration(args.grace))
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -138,3 +138,41 @@ async def test_sigterm_lets_running_transfers_finish(origin: Origin, tmp_path: P
         assert await asyncio.wait_for(process.wait(), 20) == 0
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, "no longer accepting"
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+async def test_workers_share_the_port_and_fetch_once(origin: Origin, tmp_path: Path) -> None:
+    route = origin.add("/w.tar.gz", body=os.urandom(2 << 20), rate=4 << 20)  # about 0.5 s
+    port = free_port()
+    config = write_config(tmp_path, port, workers=2)
+    proxy_url = f"http://127.0.0.1:{port}"
+    url = origin.url("/w.tar.gz")
+    async with cacheproxy_process(config, port) as process:
+        workers = children_of(process.pid)
+        assert len(workers) == 2
+        # Each client on its own connection: the kernel spreads them over both workers.
+        results = await asyncio.gather(*(run("curl", "-sS", "-x", proxy_url, url) for _ in range(20)))
+        assert all(hashlib.sha256(r.stdout).hexdigest() == route.sha256 for r in results)
+        assert origin.hits("/w.tar.gz") == 1
+        await asyncio.sleep(0.2)  # the commit follows the last byte
+        headers = await asyncio.gather(
+            *(run("curl", "-sS", "-o", "/dev/null", "-D", "-", "-x", proxy_url, url) for _ in range(20))
+        )
+        assert all(b"X-Cache: HIT" in h.stdout for h in headers), "every worker answers from the shared store"
+        # A worker that dies is replaced; the port keeps serving meanwhile.
+        os.kill(workers[0], signal.SIGKILL)
+        for _ in range(100):
+            now = children_of(process.pid)
+            if len(now) == 2 and workers[0] not in now:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the dead worker was not replaced")
+        again = await run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x", proxy_url, url)
+        assert again.stdout == b"200"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        assert origin.hits("/w.tar.gz") == 1

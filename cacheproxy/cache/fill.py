@@ -94,6 +94,11 @@ class Fill:
         self.error = str(exc) or type(exc).__name__
         self._wake()
 
+    def grown(self) -> int:
+        """Bytes the body file holds beyond ``written`` (when another process writes it)."""
+        assert self._read_fd is not None, "not streaming"
+        return os.fstat(self._read_fd).st_size - self.written
+
     def advance(self, n: int) -> None:
         self.written += n
         self._wake()

@@ -25,6 +25,7 @@ from ..storage.local import LocalStore, LocalWriter
 from ..upstream.http import BODY_ERRORS, HttpUpstream, UpstreamResponse, describe, end_to_end
 from ..upstream.retry import RetryBudget
 from .fill import Buffered, Fill, Head, Hit, Outcome, Passthrough
+from .flight import FillLock, HeadFile, Watch
 from .freshness import client_wants_revalidation, freshness, is_fresh, unstorable_reason
 from .index import Index
 from .keys import MirrorMap
@@ -36,6 +37,8 @@ BUFFER_LIMIT = 64 << 10  # origin error bodies up to this size are shared with e
 WRITE_MIN = 1 << 20  # a write waits for this many bytes ...
 WRITE_WAIT = 0.05  # ... or this many seconds, so that slow origins still stream promptly
 WRITE_BATCH = 8 << 20  # bytes gathered while the previous write is still running
+FOLLOW_POLL = 0.005  # seconds between looks at another worker's fill
+FOLLOW_ROUNDS = 3  # fills of other workers followed before giving up on a key
 ARCHIVE = re.compile(r"\.(tar|tgz|tbz2?|txz|gz|xz|bz2|zst|lz|lzma|zip|7z|rpm|srpm|deb|jar|gem|crate|whl)$", re.I)
 
 
@@ -105,9 +108,23 @@ class Cache:
     def _vary_matches(self, meta: ObjectMeta, headers: Mapping[str, str]) -> bool:
         return all(headers.get(name, "") == value for name, value in meta.vary.items())
 
+    async def from_store(self, key: str) -> ObjectMeta | None:
+        """An object this process does not know yet, stored by another worker or instance."""
+        meta = await self.store.stat(key)
+        if meta is not None:
+            self.index.put(meta)
+        return meta
+
+    def forget(self, meta: ObjectMeta) -> None:
+        """The body went away under us (evicted or replaced by another worker)."""
+        if self.index.get(meta.key) is meta:
+            self.index.remove(meta.key)
+
     async def get(self, url: URL, method: str, headers: Mapping[str, str]) -> Outcome:
         key = self.key_for(url)
         meta = self.index.get(key)
+        if meta is None and key not in self.fills:
+            meta = await self.from_store(key)
         if meta is not None and not self._vary_matches(meta, headers):
             return await self.bypass(url, method, headers, x_cache="BYPASS")
         revalidate = client_wants_revalidation(headers)
@@ -159,6 +176,88 @@ class Cache:
         self.recent_failures.append(Failure(str(url), error, time.time()))
 
     async def _run_fill(self, fill: Fill, url: URL, stale: ObjectMeta | None, forward: dict[str, str]) -> None:
+        lock = FillLock.for_key(self.store.tmp_dir, fill.key)
+        try:
+            for _ in range(FOLLOW_ROUNDS):
+                if await self.store.run(lock.try_acquire):
+                    break
+                if await self._follow(fill):  # another worker fills this key
+                    return
+            else:
+                raise UpstreamFailed("another worker's fill of this URL did not produce a response; try again")
+            current = await self.store.stat(fill.key)
+            if current is not None and (
+                stale is None or (current.file, current.response_time) != (stale.file, stale.response_time)
+            ):
+                self.index.put(current)
+                fill.set_outcome(Hit(current))  # another worker stored it just before we got the lock
+                fill.finish()
+                return
+            await self._fetch(fill, url, stale, forward, lock)
+        except ProxyError as exc:
+            fill.set_error(exc)
+        except asyncio.CancelledError:
+            fill.set_error(UpstreamFailed("the fill was cancelled (shutting down)"))
+            raise
+        except Exception as exc:  # a bug or an I/O error: the clients must see an error, not hang
+            log.exception("fill of %s failed", url)
+            fill.set_error(UpstreamFailed(f"internal error: {describe(exc)}") if not fill.head.done() else exc)
+        finally:
+            if lock.held:
+                await self.store.run(lock.release)
+            fill.close()
+            self.fills.pop(fill.key, None)
+            self.metrics.fills_in_progress.dec()
+
+    async def _follow(self, fill: Fill) -> bool:
+        """Serve this process's clients from another worker's fill of the same key.
+
+        False when that fill ended without anything to follow (an error answer, say): then this
+        process fetches the key itself.
+        """
+        watch = await self.store.run(Watch, self.store.tmp_dir, fill.key)
+        try:
+            while (head := await self.store.run(watch.head)) is None:
+                if await self.store.run(watch.owner_done):
+                    current = await self.from_store(fill.key)
+                    if current is None:
+                        return False
+                    fill.set_outcome(Hit(current))
+                    fill.finish()
+                    return True
+                await asyncio.sleep(FOLLOW_POLL)
+            try:
+                fill.start_streaming(head.part, Head(CIMultiDict(head.headers), head.size))
+            except FileNotFoundError:  # committed (renamed) between reading the head and opening it
+                return await self._follow_done(fill, None)
+            while True:
+                done = await self.store.run(watch.owner_done)
+                grown = fill.grown()
+                if grown:
+                    fill.advance(grown)
+                if done:
+                    return await self._follow_done(fill, head.size)
+                await asyncio.sleep(FOLLOW_POLL)
+        finally:
+            watch.close()
+
+    async def _follow_done(self, fill: Fill, size: int | None) -> bool:
+        current = await self.from_store(fill.key)
+        if fill.head.done():
+            if current is not None and current.size == fill.written and size in (None, fill.written):
+                fill.finish()
+            else:
+                fill.set_error(TransferAborted(f"the fill in another worker broke after {fill.written} bytes"))
+            return True
+        if current is None:
+            return False
+        fill.set_outcome(Hit(current))
+        fill.finish()
+        return True
+
+    async def _fetch(
+        self, fill: Fill, url: URL, stale: ObjectMeta | None, forward: dict[str, str], lock: FillLock
+    ) -> None:
         started = time.monotonic()
         budget = self.upstream.new_budget()
         response: UpstreamResponse | None = None
@@ -187,22 +286,11 @@ class Cache:
             if owned.status != 200:
                 await self._origin_error(fill, url, owned)
                 return
-            await self._fill_body(fill, url, owned, budget, forward)
+            await self._fill_body(fill, url, owned, budget, forward, lock)
             self.metrics.upstream_fetch_seconds.observe(time.monotonic() - started)
-        except ProxyError as exc:
-            fill.set_error(exc)
-        except asyncio.CancelledError:
-            fill.set_error(UpstreamFailed("the fill was cancelled (shutting down)"))
-            raise
-        except Exception as exc:  # a bug or an I/O error: the clients must see an error, not hang
-            log.exception("fill of %s failed", url)
-            fill.set_error(UpstreamFailed(f"internal error: {describe(exc)}") if not fill.head.done() else exc)
         finally:
             if response is not None:
                 response.release()
-            fill.close()
-            self.fills.pop(fill.key, None)
-            self.metrics.fills_in_progress.dec()
 
     async def _revalidated(self, fill: Fill, stale: ObjectMeta, response: UpstreamResponse) -> None:
         # The 304 may update validators and freshness; what it leaves out stays as stored.
@@ -222,6 +310,7 @@ class Cache:
         stale.etag = merged.get("ETag") or None
         stale.last_modified = merged.get("Last-Modified") or None
         self.touch(stale)
+        self.index.put(stale)
         await self.store.update_meta(stale)
         fill.set_outcome(Hit(stale, "REVALIDATED"))
         fill.finish()
@@ -249,7 +338,13 @@ class Cache:
         fill.set_outcome(buffered)
 
     async def _fill_body(
-        self, fill: Fill, url: URL, response: UpstreamResponse, budget: RetryBudget, forward: dict[str, str]
+        self,
+        fill: Fill,
+        url: URL,
+        response: UpstreamResponse,
+        budget: RetryBudget,
+        forward: dict[str, str],
+        lock: FillLock,
     ) -> None:
         headers = response.headers
         size = response.content_length
@@ -268,7 +363,9 @@ class Cache:
         chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
         writer = await self.store.begin_write(fill.key)
         try:
-            fill.start_streaming(writer.path, Head(end_to_end(headers), size))
+            head = Head(end_to_end(headers), size)
+            await self.store.run(lock.publish, HeadFile(writer.path, list(head.headers.items()), size))
+            fill.start_streaming(writer.path, head)
             response = await self._tee(fill, response, writer, budget, forward, size)
             if size is not None and writer.written != size:
                 raise TransferAborted(f"got {writer.written} of {size} bytes")
@@ -449,15 +546,27 @@ class Cache:
         for key in dirty:
             meta = self.index.get(key)
             if meta is not None:
-                await self.store.update_meta(meta)
+                await self.store.run(self.store.touch_sync, meta)
+
+    async def reload_index(self) -> None:
+        """Take in what other workers stored or removed since the last look."""
+        fresh = Index()
+        async for meta in self.store.scan():
+            known = self.index.get(meta.key)
+            if known is not None and known.file == meta.file:
+                meta.last_access = max(meta.last_access, known.last_access)
+            fresh.put(meta)
+        fresh.loaded = True
+        self.index = fresh
 
     async def cleanup(self) -> None:
         """Periodic: persist access times, evict, remove leftovers of interrupted fills."""
         await self.flush_access_times()
+        if self.config.workers > 1:
+            await self.reload_index()
         await self.evict_if_needed()
         now = time.monotonic()
         self._negative = {k: v for k, v in self._negative.items() if v[0] > now}
-        active = {f.key for f in self.fills.values()}
-        removed = await self.store.run(self.store.remove_stale_temp, active)
+        removed = await self.store.run(self.store.remove_stale_temp)
         if removed:
             log.info("removed %d leftover temp file(s)", removed)

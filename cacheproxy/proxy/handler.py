@@ -16,7 +16,7 @@ from yarl import URL
 from ..errors import Denied, MethodNotAllowed, ProxyError, UnsupportedScheme, error_response
 from ..ops.logging import AccessRecord, log_access
 from ..state import STATE, AppState
-from .respond import SENT
+from .respond import SENT, ObjectGone
 from .target import classify
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,12 @@ async def proxy_request(request: web.Request, state: AppState, url: URL) -> web.
         raise UnsupportedScheme("ftp:// origins are not supported by this version")
     if request.method in READ_METHODS:
         outcome = await state.cache.get(url, request.method, request.headers)
-        return await state.responder.send(request, outcome)
+        try:
+            return await state.responder.send(request, outcome)
+        except ObjectGone as gone:
+            state.cache.forget(gone.meta)
+            outcome = await state.cache.get(url, request.method, request.headers)
+            return await state.responder.send(request, outcome)
     if not state.config.rules.allow_other_methods:
         raise MethodNotAllowed(
             f"{request.method} is not allowed (only GET and HEAD; see rules.allow_other_methods)",
@@ -67,6 +72,10 @@ async def entry(request: web.Request, handler: Handler) -> web.StreamResponse:
             state.metrics.denied.labels(exc.code).inc()
         response = error_response(request, exc)
         return response
+    except ConnectionResetError:  # the client went away mid-answer: nothing left to tell it
+        error = "client_gone"
+        response = None
+        return web.Response(status=499)
     finally:
         if result is not None:
             state.metrics.requests.labels(result).inc()

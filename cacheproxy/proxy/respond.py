@@ -30,6 +30,14 @@ READ_CHUNK = 1 << 20
 SENT = web.RequestKey("sent", int)  # body bytes sent, for the access log
 
 
+class ObjectGone(Exception):
+    """The body of an indexed object is gone: another worker evicted or replaced it."""
+
+    def __init__(self, meta: ObjectMeta) -> None:
+        super().__init__(meta.key)
+        self.meta = meta
+
+
 def _count(request: web.BaseRequest, metrics: Metrics, source: str, n: int) -> None:
     request[SENT] = request.get(SENT, 0) + n
     metrics.response_bytes.labels(source).inc(n)
@@ -165,7 +173,10 @@ class Responder:
             response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{meta.size}"
         response.content_length = stop - start
         loop = asyncio.get_running_loop()
-        fileobj = await loop.run_in_executor(None, open, self._store.body_path(meta), "rb")
+        try:
+            fileobj = await loop.run_in_executor(None, open, self._store.body_path(meta), "rb")
+        except FileNotFoundError:
+            raise ObjectGone(meta) from None
         try:
             await response.prepare(request)
             if request.method != "HEAD" and stop > start:

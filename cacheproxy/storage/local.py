@@ -8,7 +8,9 @@ Layout under ``cache.dir``::
 
 An object becomes visible when its ``.json`` is renamed into place, after the body was flushed and
 renamed. A crash at any point leaves at most files that no ``.json`` names; :meth:`scan` removes
-them at start.
+them at start. Several worker processes share one store: a fill holds the key's lock in ``tmp/``
+(see :mod:`cacheproxy.cache.flight`) until its commit is done, and leftovers are removed only
+when nobody holds their key's lock, so one worker's clean-up never touches another's fill.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..cache import flight
 from ..cache.keys import key_digest
 from .base import ObjectMeta, Storage, Writer
 
@@ -125,9 +128,8 @@ class LocalStore(Storage):
 
     def _scan_sync(self) -> list[ObjectMeta]:
         self.objects_dir.mkdir(parents=True, exist_ok=True)
-        if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)  # interrupted fills
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        flight.remove_unowned(self.tmp_dir)  # interrupted fills
         found: list[ObjectMeta] = []
         removed = 0
         for folder in self.objects_dir.iterdir():
@@ -153,8 +155,11 @@ class LocalStore(Storage):
                 referenced.add(meta.file)
                 found.append(meta)
             for name in names - referenced:
-                if not name.endswith(".json"):
-                    (folder / name).unlink(missing_ok=True)
+                if name.endswith(".json") or name.endswith(".tmp"):
+                    continue
+                digest = name.split(".", 1)[0]
+                if flight.digest_unowned(self.tmp_dir, digest):
+                    (folder / name).unlink(missing_ok=True)  # not being committed by another worker
                     removed += 1
         if removed:
             log.info("removed %d leftover file(s) of interrupted writes", removed)
@@ -202,15 +207,17 @@ class LocalStore(Storage):
     async def check_writable(self) -> str | None:
         return await self.run(self._check_sync)
 
-    def remove_stale_temp(self, active_keys: set[str]) -> int:
-        """Remove temp files of writes that no running fill owns (blocking; run in the pool)."""
-        active = {key_digest(k) for k in active_keys}
-        removed = 0
-        for path in self.tmp_dir.glob("*.part"):
-            if path.name.split(".", 1)[0] not in active:
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+    def remove_stale_temp(self) -> int:
+        """Remove temp files of fills that no process runs any more (blocking; run in the pool)."""
+        return flight.remove_unowned(self.tmp_dir)
+
+    def touch_sync(self, meta: ObjectMeta) -> None:
+        """Persist ``meta.last_access`` unless another worker replaced or removed the object."""
+        current = self.read_meta_sync(meta.key)
+        if current is None or current.file != meta.file or current.last_access >= meta.last_access:
+            return
+        current.last_access = meta.last_access
+        self.write_meta_sync(current)
 
     def disk_usage(self) -> tuple[int, int]:
         """(total, free) bytes of the filesystem holding the store."""

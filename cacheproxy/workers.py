@@ -1,0 +1,110 @@
+"""``workers``: several processes serving one port and one store.
+
+The supervisor (the process that was started) binds each listen address once with SO_REUSEPORT
+without listening, which fixes the port (even ``:0``) and keeps it reserved; then it forks the
+workers. Each worker listens on its own socket bound to the same address and port, so the kernel
+spreads connections evenly, and runs the whole proxy: its own event loop, index and upstream
+connections. Fills are single-flight across workers through the store (see
+:mod:`cacheproxy.cache.flight`). A worker that dies is replaced; SIGTERM/SIGINT are passed on to
+the workers, which drain as a single process would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import replace
+
+from .app import serve
+from .config import Config, ListenAddress
+
+log = logging.getLogger(__name__)
+
+RESTART_WINDOW = 60.0  # seconds
+MAX_RESTARTS = 5  # worker deaths within the window before the supervisor gives up
+
+
+def reserve(address: ListenAddress) -> socket.socket:
+    """Bind (not listen) with SO_REUSEPORT: the port is ours and the workers can share it."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((address.host, address.port))
+    return sock
+
+
+def _worker(config: Config, grace: float, number: int) -> int:
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        asyncio.run(serve(config, grace, worker=number))
+    except BaseException:
+        log.exception("worker %d failed", number)
+        return 1
+    return 0
+
+
+def run(config: Config, grace: float) -> int:
+    """Serve with ``config.workers`` processes until SIGTERM/SIGINT. Returns the exit status."""
+    if config.workers == 1:
+        asyncio.run(serve(config, grace))
+        return 0
+    reserved = [reserve(address) for address in config.listen]
+    bound = tuple(
+        ListenAddress(address.host, sock.getsockname()[1])
+        for address, sock in zip(config.listen, reserved, strict=True)
+    )
+    config = replace(config, listen=bound)
+    children: dict[int, int] = {}  # pid -> worker number
+    stopping = False
+    deaths: list[float] = []
+
+    def spawn(number: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sock in reserved:
+                sock.close()
+            os._exit(_worker(config, grace, number))
+        children[pid] = number
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for first in range(config.workers):
+        spawn(first)
+    for address in bound:
+        log.info("listening on %s with %d workers (cache %s)", address, config.workers, config.cache.dir)
+    status = 0
+    while children:
+        pid, wait_status = os.wait()
+        number = children.pop(pid, None)
+        if number is None or stopping:
+            continue
+        code = os.waitstatus_to_exitcode(wait_status)
+        now = time.monotonic()
+        deaths = [t for t in deaths if now - t < RESTART_WINDOW] + [now]
+        if len(deaths) > MAX_RESTARTS:
+            log.error(
+                "worker %d exited (%d); %d deaths within %.0fs: stopping", number, code, len(deaths), RESTART_WINDOW
+            )
+            status = 1
+            stop(signal.SIGTERM, None)
+            continue
+        log.error("worker %d exited (%d); starting a new one", number, code)
+        spawn(number)
+    for sock in reserved:
+        sock.close()
+    return status
