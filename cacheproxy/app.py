@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -16,7 +15,9 @@ from .config import Config
 from .guard.access import AccessRules
 from .guard.ssrf import SsrfGuard
 from .ops import health
+from .ops.logging import flush_access_log
 from .ops.metrics import Metrics
+from .proxy.fastpath import ProxySite
 from .proxy.handler import entry
 from .proxy.respond import Responder
 from .state import STATE, AppState
@@ -50,11 +51,15 @@ def create_app(config: Config, grace: float = DEFAULT_GRACE) -> web.Application:
         asyncio.get_running_loop().set_default_executor(executor)
         await upstream.start()
         await cache.load()
-        housekeeping = asyncio.create_task(_housekeeping(cache, config.cache.cleanup_interval))
+        background = [
+            asyncio.create_task(_housekeeping(cache, config.cache.cleanup_interval)),
+            asyncio.create_task(_flush_logs()),
+        ]
         yield
-        housekeeping.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await housekeeping
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        flush_access_log()
         await cache.close(grace)
         await upstream.close()
         executor.shutdown(wait=True)
@@ -70,6 +75,12 @@ async def _housekeeping(cache: Cache, interval: float) -> None:
             await cache.cleanup()
         except Exception:
             log.exception("periodic clean-up failed")
+
+
+async def _flush_logs() -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        flush_access_log()
 
 
 def runner_for(app: web.Application, grace: float = DEFAULT_GRACE) -> web.AppRunner:
@@ -94,13 +105,8 @@ async def serve(config: Config, grace: float = DEFAULT_GRACE, worker: int | None
     runner = runner_for(app, grace)
     await runner.setup()
     for address in config.listen:
-        site = web.TCPSite(
-            runner,
-            address.host,
-            address.port,
-            backlog=LISTEN_BACKLOG,
-            reuse_address=True,
-            reuse_port=worker is not None,
+        site = ProxySite(
+            runner, app[STATE], address.host, address.port, backlog=LISTEN_BACKLOG, reuse_port=worker is not None
         )
         await site.start()
         if not worker:

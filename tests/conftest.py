@@ -16,6 +16,7 @@ from yarl import URL
 
 from cacheproxy.app import create_app, runner_for
 from cacheproxy.config import load_config
+from cacheproxy.proxy.fastpath import ProxySite
 from cacheproxy.state import STATE, AppState
 
 from .origin import Origin
@@ -94,10 +95,10 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
         config = load_config(None, config_values(cache_dir, **overrides))
         runner = runner_for(create_app(config, grace=1.0), grace=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = ProxySite(runner, runner.app[STATE], "127.0.0.1", 0)
         await site.start()
         runners.append(runner)
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = site.port
         return Proxy(runner, port, cache_dir)
 
     yield make
