@@ -399,21 +399,27 @@ class Cache:
         """Copy the body into the writer; resume with Range after a drop. Return the last response."""
         validator = strong_validator(response.headers)
         pending: asyncio.Task[None] | None = None
-        buffer = bytearray()
+        buffer: list[bytes] = []
+        buffered = 0
         loop = asyncio.get_running_loop()
         last_flush = loop.time()
 
-        async def flush(data: bytes) -> None:
-            await writer.write(data)
-            fill.advance(len(data))
+        async def flush(chunks: list[bytes], size: int) -> None:
+            await writer.write(chunks)
+            fill.advance(size)
+
+        def start_flush() -> asyncio.Task[None]:
+            nonlocal buffer, buffered
+            task = asyncio.ensure_future(flush(buffer, buffered))
+            buffer, buffered = [], 0
+            return task
 
         async def drain() -> None:
             nonlocal pending
             if buffer:
                 if pending is not None:
                     await pending
-                pending = asyncio.ensure_future(flush(bytes(buffer)))
-                buffer.clear()
+                pending = start_flush()
             if pending is not None:
                 await pending
                 pending = None
@@ -429,23 +435,22 @@ class Cache:
                     continue
                 if not chunk:
                     break
-                buffer += chunk
+                buffer.append(chunk)
+                buffered += len(chunk)
                 if pending is not None and pending.done():
                     pending.result()
                     pending = None
                 if pending is not None:
-                    if len(buffer) < WRITE_BATCH:
+                    if buffered < WRITE_BATCH:
                         continue  # gather more while the previous write runs
                     await pending
-                elif len(buffer) < WRITE_MIN and loop.time() - last_flush < WRITE_WAIT:
+                elif buffered < WRITE_MIN and loop.time() - last_flush < WRITE_WAIT:
                     continue
                 last_flush = loop.time()
-                pending = asyncio.ensure_future(flush(bytes(buffer)))
-                buffer.clear()
+                pending = start_flush()
             await drain()
         finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
+            if pending is not None:  # let a running write end: the file is closed after us
                 await asyncio.gather(pending, return_exceptions=True)
         return response
 
@@ -476,7 +481,7 @@ class Cache:
 
     async def _commit(self, key: str, url: URL, response: UpstreamResponse, writer: LocalWriter) -> None:
         now = time.time()
-        sha256, md5 = writer.digests()
+        sha256, md5 = await writer.digests()
         fresh = freshness(url.path, response.headers, now, self.rules)
         vary = {}
         for name in response.headers.get("Vary", "").split(","):

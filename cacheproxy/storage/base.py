@@ -71,11 +71,12 @@ class Writer(ABC):
     def written(self) -> int: ...
 
     @abstractmethod
-    async def write(self, data: bytes) -> None: ...
+    async def write(self, data: bytes | list[bytes]) -> None:
+        """Append ``data`` (or the chunks, in order): visible to readers of the file at once."""
 
     @abstractmethod
-    def digests(self) -> tuple[str, str]:
-        """(sha256, md5) of what was written."""
+    async def digests(self) -> tuple[str, str]:
+        """(sha256, md5) of everything written."""
 
     @abstractmethod
     async def commit(self, meta: ObjectMeta) -> ObjectMeta: ...

@@ -31,14 +31,28 @@ from .base import ObjectMeta, Storage, Writer
 
 log = logging.getLogger(__name__)
 
+HASH_CHUNK = 8 << 20
+IOV_MAX = 1024
+
 
 class LocalWriter(Writer):
+    """A body written to ``tmp/``; sha256 and md5 follow behind the writes.
+
+    Writes only copy bytes into the file, so readers of the growing file see them at once. A
+    background task reads back what was written (from the page cache) and hashes it, sha256 and
+    md5 in parallel threads; :meth:`digests` waits for it to reach the end. Hashing never holds
+    the transfer back, and memory stays bounded by one chunk.
+    """
+
     def __init__(self, store: LocalStore, key: str, path: Path, fd: int) -> None:
         self._store = store
         self._key = key
         self.path = path
         self._fd: int | None = fd
         self._written = 0
+        self._hashed = 0
+        self._hashing: asyncio.Task[None] | None = None
+        self._stopped = False
         self._sha256 = hashlib.sha256()
         self._md5 = hashlib.md5()
 
@@ -46,21 +60,45 @@ class LocalWriter(Writer):
     def written(self) -> int:
         return self._written
 
-    def _write_sync(self, data: bytes) -> None:
+    def _write_sync(self, chunks: list[bytes]) -> None:
         assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        # hashlib releases the GIL on large buffers: this runs beside the event loop.
-        self._sha256.update(data)
-        self._md5.update(data)
+        for start in range(0, len(chunks), IOV_MAX):
+            views = [memoryview(c) for c in chunks[start : start + IOV_MAX]]
+            while views:
+                n = os.writev(self._fd, views)
+                while views and n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                if views and n:
+                    views[0] = views[0][n:]
 
-    async def write(self, data: bytes) -> None:
-        await self._store.run(self._write_sync, data)
-        self._written += len(data)
+    async def write(self, data: bytes | list[bytes]) -> None:
+        chunks = [data] if isinstance(data, bytes) else data
+        await self._store.run(self._write_sync, chunks)
+        self._written += sum(len(c) for c in chunks)
+        if self._hashing is None or self._hashing.done():
+            self._hashing = asyncio.ensure_future(self._hash_behind())
 
-    def digests(self) -> tuple[str, str]:
+    async def _hash_behind(self) -> None:
+        """Hash what was written and not hashed yet (each executor step finishes before we return)."""
+        while not self._stopped and self._fd is not None and self._hashed < self._written:
+            data = await self._store.run(
+                os.pread, self._fd, min(HASH_CHUNK, self._written - self._hashed), self._hashed
+            )
+            if not data:
+                raise OSError(f"{self.path} is shorter than written")
+            # hashlib releases the GIL on large buffers: the two run side by side.
+            await asyncio.gather(self._store.run(self._sha256.update, data), self._store.run(self._md5.update, data))
+            self._hashed += len(data)
+
+    async def _quiesce(self) -> None:
+        """Wait for a running hash step: the file descriptor is in use until it ends."""
+        if self._hashing is not None:
+            await asyncio.shield(asyncio.gather(self._hashing, return_exceptions=True))
+
+    async def digests(self) -> tuple[str, str]:
+        await self._quiesce()
+        await self._hash_behind()
         return self._sha256.hexdigest(), self._md5.hexdigest()
 
     def _commit_sync(self, meta: ObjectMeta) -> ObjectMeta:
@@ -91,6 +129,8 @@ class LocalWriter(Writer):
         self.path.unlink(missing_ok=True)
 
     async def abort(self) -> None:
+        self._stopped = True  # the hashing stops after its current step
+        await self._quiesce()
         await self._store.run(self._abort_sync)
 
 
@@ -175,7 +215,7 @@ class LocalStore(Storage):
     def _begin_sync(self, key: str) -> LocalWriter:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         path = self.tmp_dir / f"{key_digest(key)}.{secrets.token_hex(8)}.part"
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)  # read back for hashing
         return LocalWriter(self, key, path, fd)
 
     async def begin_write(self, key: str) -> LocalWriter:
