@@ -203,11 +203,12 @@ class Cache:
             log.exception("fill of %s failed", url)
             fill.set_error(UpstreamFailed(f"internal error: {describe(exc)}") if not fill.head.done() else exc)
         finally:
-            if lock.held:
-                await self.store.run(lock.release)
+            # Leave self.fills first: a request from now on must not join a fill that is over.
             fill.close()
             self.fills.pop(fill.key, None)
             self.metrics.fills_in_progress.dec()
+            if lock.held:
+                await self.store.run(lock.release)
 
     async def _follow(self, fill: Fill) -> bool:
         """Serve this process's clients from another worker's fill of the same key.
