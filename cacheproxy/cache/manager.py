@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import re
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
@@ -37,6 +40,8 @@ BUFFER_LIMIT = 64 << 10  # origin error bodies up to this size are shared with e
 WRITE_MIN = 1 << 20  # a write waits for this many bytes ...
 WRITE_WAIT = 0.05  # ... or this many seconds, so that slow origins still stream promptly
 WRITE_BATCH = 8 << 20  # bytes gathered while the previous write is still running
+SNAPSHOT_AFTER = 1000  # entries read one by one at start that make a new snapshot worth writing
+SPLICERS = 32  # plain-HTTP bodies copied by threads at once (more use the event loop path)
 FOLLOW_POLL = 0.005  # seconds between looks at another worker's fill
 FOLLOW_ROUNDS = 3  # fills of other workers followed before giving up on a key
 ARCHIVE = re.compile(r"\.(tar|tgz|tbz2?|txz|gz|xz|bz2|zst|lz|lzma|zip|7z|rpm|srpm|deb|jar|gem|crate|whl)$", re.I)
@@ -70,6 +75,9 @@ class Cache:
         self._negative: dict[str, tuple[float, Buffered]] = {}
         self._dirty: set[str] = set()
         self._evicting = False
+        self._splicing = 0
+        self._snapshot: asyncio.Task[None] | None = None
+        self._splicer_pool = ThreadPoolExecutor(max_workers=SPLICERS, thread_name_prefix="cacheproxy-splice")
         metrics.bind_store(lambda: len(self.index), lambda: self.index.total_size)
 
     # -- start and stop -----------------------------------------------------------------------
@@ -80,11 +88,17 @@ class Cache:
             self.index.put(meta)
         self.index.loaded = True
         log.info(
-            "index loaded: %d objects, %d bytes in %.2fs",
+            "index loaded: %d objects, %d bytes in %.2fs (%d read one by one)",
             len(self.index),
             self.index.total_size,
             time.monotonic() - started,
+            self.store.scan_reads,
         )
+        if self.store.scan_reads > SNAPSHOT_AFTER:  # in the background: serving starts now
+            self._snapshot = asyncio.create_task(self.save_snapshot())
+
+    async def save_snapshot(self) -> None:
+        await self.store.run(self.store.write_snapshot_sync, list(self.index))
 
     async def close(self, grace: float = 0.0) -> None:
         fills = [f.task for f in self.fills.values() if f.task is not None]
@@ -94,7 +108,11 @@ class Cache:
             task.cancel()
         if fills:
             await asyncio.gather(*fills, return_exceptions=True)
+        self._splicer_pool.shutdown(wait=True)
         await self.flush_access_times()
+        if self._snapshot is not None:
+            await asyncio.gather(self._snapshot, return_exceptions=True)
+        await self.save_snapshot()
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -427,6 +445,16 @@ class Cache:
 
         try:
             while True:
+                if size is not None and self._splicing < SPLICERS and (detached := response.detach_socket()):
+                    await drain()
+                    try:
+                        await self._splice_rest(fill, writer, size, *detached)
+                    except BODY_ERRORS as exc:
+                        response.close()
+                        response = await self._resume(response, writer.written, validator, budget, forward, exc)
+                        continue
+                    response.close()  # the connection was taken from aiohttp: not reusable
+                    break
                 try:
                     chunk = await response.read_chunk()
                 except BODY_ERRORS as exc:
@@ -454,6 +482,45 @@ class Cache:
             if pending is not None:  # let a running write end: the file is closed after us
                 await asyncio.gather(pending, return_exceptions=True)
         return response
+
+    async def _splice_rest(self, fill: Fill, writer: LocalWriter, size: int, held: bytes, sock: int) -> None:
+        """The rest of a plain-TCP body, from the socket to the file in a thread, kernel to kernel."""
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+
+        def landed(n: int) -> None:
+            writer.adopt(n)
+            fill.advance(n)
+
+        def report(n: int) -> None:  # in the splicer thread; lands before the job's result does
+            loop.call_soon_threadsafe(landed, n)
+
+        self._splicing += 1
+        try:
+            if held:
+                await writer.write(held)
+                fill.advance(len(held))
+            remaining = size - writer.written
+            if remaining <= 0:
+                return
+            job = loop.run_in_executor(
+                self._splicer_pool,
+                writer.splice_sync,
+                sock,
+                remaining,
+                report,
+                stop,
+                self.config.upstream.read_timeout,
+            )
+            try:
+                await asyncio.shield(job)
+            except asyncio.CancelledError:
+                stop.set()
+                await asyncio.gather(job, return_exceptions=True)
+                raise
+        finally:
+            self._splicing -= 1
+            os.close(sock)
 
     async def _resume(
         self,
@@ -570,6 +637,7 @@ class Cache:
         await self.flush_access_times()
         if self.config.workers > 1:
             await self.reload_index()
+        await self.save_snapshot()
         await self.evict_if_needed()
         now = time.monotonic()
         self._negative = {k: v for k, v in self._negative.items() if v[0] > now}

@@ -34,15 +34,18 @@ class ObjectMeta:
     file: str = ""  # backend-specific location of the body
 
     def to_json(self) -> str:
-        data = dataclasses.asdict(self)
+        data = dict(self.__dict__)  # flat fields and one flat dict: no deep copy needed
         data["lifetime"] = None if math.isinf(self.lifetime) else self.lifetime
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ObjectMeta:
-        data: dict[str, Any] = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ObjectMeta:
+        if not data.keys() <= _FIELDS:
+            data = {k: v for k, v in data.items() if k in _FIELDS}  # written by a newer version
         if data.get("lifetime") is None:
             data["lifetime"] = math.inf
         return cls(**data)
@@ -61,6 +64,9 @@ class ObjectMeta:
             "etag": self.etag,
             "last_modified": self.last_modified,
         }
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(ObjectMeta))
 
 
 class Writer(ABC):

@@ -16,12 +16,18 @@ when nobody holds their key's lock, so one worker's clean-up never touches anoth
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import secrets
+import select
 import shutil
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +39,21 @@ log = logging.getLogger(__name__)
 
 HASH_CHUNK = 8 << 20
 IOV_MAX = 1024
+SPLICE_CHUNK = 1 << 20  # pipe size asked for, and bytes moved per splice
+REPORT_BYTES = 1 << 20  # the splicer reports progress every this many bytes ...
+REPORT_SECONDS = 0.02  # ... or this often
+F_SETPIPE_SZ = 1031
+
+
+def _read_small(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        while chunk := os.read(fd, 65536):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 class LocalWriter(Writer):
@@ -75,7 +96,55 @@ class LocalWriter(Writer):
     async def write(self, data: bytes | list[bytes]) -> None:
         chunks = [data] if isinstance(data, bytes) else data
         await self._store.run(self._write_sync, chunks)
-        self._written += sum(len(c) for c in chunks)
+        self.adopt(sum(len(c) for c in chunks))
+
+    def splice_sync(
+        self, source: int, count: int, progress: Callable[[int], None], stop: threading.Event, timeout: float
+    ) -> None:
+        """Move ``count`` bytes from the socket ``source`` into the body, kernel to kernel (blocking).
+
+        ``progress(n)`` reports bytes as they land (in batches); ``stop`` ends the copy early. A
+        silence of ``timeout`` seconds raises TimeoutError, an early end ConnectionResetError.
+        """
+        assert self._fd is not None
+        pipe_r, pipe_w = os.pipe()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe_w, F_SETPIPE_SZ, SPLICE_CHUNK)
+        poller = select.poll()
+        poller.register(source, select.POLLIN | select.POLLERR | select.POLLHUP)
+        moved = reported = 0
+        last_report = idle_since = time.monotonic()
+        try:
+            while moved < count and not stop.is_set():
+                try:
+                    n = os.splice(source, pipe_w, min(SPLICE_CHUNK, count - moved), flags=os.SPLICE_F_MOVE)
+                except BlockingIOError:
+                    if moved > reported:
+                        progress(moved - reported)
+                        reported, last_report = moved, time.monotonic()
+                    if not poller.poll(500):
+                        if time.monotonic() - idle_since > timeout:
+                            raise TimeoutError(f"no data from the origin for {timeout:.0f}s") from None
+                    continue
+                if n == 0:
+                    raise ConnectionResetError(f"the origin closed the connection after {moved} of {count} bytes")
+                left = n
+                while left:
+                    left -= os.splice(pipe_r, self._fd, left, flags=os.SPLICE_F_MOVE)
+                moved += n
+                now = idle_since = time.monotonic()
+                if moved - reported >= REPORT_BYTES or now - last_report >= REPORT_SECONDS:
+                    progress(moved - reported)
+                    reported, last_report = moved, now
+        finally:
+            if moved > reported:
+                progress(moved - reported)
+            os.close(pipe_r)
+            os.close(pipe_w)
+
+    def adopt(self, n: int) -> None:
+        """Count ``n`` bytes that :meth:`splice_sync` put into the file (on the event loop)."""
+        self._written += n
         if self._hashing is None or self._hashing.done():
             self._hashing = asyncio.ensure_future(self._hash_behind())
 
@@ -139,6 +208,8 @@ class LocalStore(Storage):
         self.root = root
         self.objects_dir = root / "objects"
         self.tmp_dir = root / "tmp"
+        self.snapshot_path = root / "index.json"
+        self.scan_reads = 0  # entries the last scan read from their .json (not from the snapshot)
         self._executor = executor
 
     async def run(self, fn, *args):  # type: ignore[no-untyped-def]
@@ -167,43 +238,96 @@ class LocalStore(Storage):
     # -- Storage --------------------------------------------------------------------------
 
     def _scan_sync(self) -> list[ObjectMeta]:
+        """Every committed object. The snapshot saves reading each ``.json``: an entry of it is
+        taken when the folder listing still holds its ``.json`` and its body (a replaced object
+        has a new body name); anything else is read from its ``.json``."""
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         flight.remove_unowned(self.tmp_dir)  # interrupted fills
+        snapshot = self._read_snapshot()
         found: list[ObjectMeta] = []
         removed = 0
-        for folder in self.objects_dir.iterdir():
-            if not folder.is_dir():
-                continue
-            names = set(os.listdir(folder))
-            referenced: set[str] = set()
-            for name in names:
-                if not name.endswith(".json"):
-                    continue
-                path = folder / name
-                try:
-                    meta = ObjectMeta.from_json(path.read_bytes())
-                    size = (folder / meta.file).stat().st_size
-                except (OSError, ValueError, TypeError) as exc:
-                    log.warning("removing unreadable cache entry %s: %s", path, exc)
-                    path.unlink(missing_ok=True)
-                    continue
-                if size != meta.size:
-                    log.warning("removing cache entry %s: body has %d bytes, expected %d", path, size, meta.size)
-                    path.unlink(missing_ok=True)
-                    continue
-                referenced.add(meta.file)
-                found.append(meta)
-            for name in names - referenced:
-                if name.endswith(".json") or name.endswith(".tmp"):
-                    continue
-                digest = name.split(".", 1)[0]
-                if flight.digest_unowned(self.tmp_dir, digest):
-                    (folder / name).unlink(missing_ok=True)  # not being committed by another worker
-                    removed += 1
+        self.scan_reads = 0
+        for entry in os.scandir(self.objects_dir):
+            if entry.is_dir():
+                metas, gone = self._scan_folder(entry.path, snapshot)
+                found += metas
+                removed += gone
         if removed:
             log.info("removed %d leftover file(s) of interrupted writes", removed)
         return found
+
+    def _read_snapshot(self) -> dict[str, ObjectMeta]:
+        """The last index snapshot by body digest ({} when there is none or it is unreadable)."""
+        try:
+            text = self.snapshot_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        snapshot: dict[str, ObjectMeta] = {}
+        try:
+            for data in json.loads(text):  # one parse for the whole file: much faster than per line
+                meta = ObjectMeta.from_dict(data)
+                snapshot[meta.file.split(".", 1)[0]] = meta
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("ignoring the index snapshot %s: %s", self.snapshot_path, exc)
+            return {}
+        return snapshot
+
+    def write_snapshot_sync(self, metas: list[ObjectMeta]) -> None:
+        """Save the index for a fast next start (blocking; run in the pool)."""
+        tmp = self.snapshot_path.with_name(f"{self.snapshot_path.name}.{secrets.token_hex(4)}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:  # a JSON array, one object per line
+            f.write("[\n" + ",\n".join(meta.to_json() for meta in metas) + "\n]\n")
+        os.replace(tmp, self.snapshot_path)
+
+    def _scan_folder(self, folder: str, snapshot: dict[str, ObjectMeta]) -> tuple[list[ObjectMeta], int]:
+        """The objects of one ``objects/<d0d1>`` folder, and how many leftover files it removed."""
+        names = os.listdir(folder)
+        present = set(names)
+        found: list[ObjectMeta] = []
+        referenced: set[str] = set()
+        for name in names:
+            if name.endswith(".json"):
+                meta = snapshot.get(name[:-5])
+                if meta is None or meta.file not in present:
+                    meta = self._read_entry(folder, f"{folder}/{name}")
+                    self.scan_reads += 1
+                if meta is not None:
+                    referenced.add(meta.file)
+                    found.append(meta)
+        removed = 0
+        for name in present - referenced:
+            if name.endswith((".json", ".tmp")):
+                continue
+            if flight.digest_unowned(self.tmp_dir, name.split(".", 1)[0]):  # no worker is committing it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{folder}/{name}")
+                    removed += 1
+        return found, removed
+
+    def _read_entry(self, folder: str, path: str) -> ObjectMeta | None:
+        """One committed object, checked against its body; a broken entry is removed."""
+        problem = "its body is missing"
+        for _ in range(2):  # a second look, in case another worker replaced the object meanwhile
+            try:
+                meta = ObjectMeta.from_json(_read_small(path))
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError, TypeError) as exc:
+                problem = f"unreadable: {exc}"
+                break
+            try:
+                size = os.stat(f"{folder}/{meta.file}").st_size
+            except FileNotFoundError:
+                continue
+            if size == meta.size:
+                return meta
+            problem = f"body has {size} bytes, expected {meta.size}"
+            break
+        log.warning("removing cache entry %s: %s", path, problem)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return None
 
     async def scan(self) -> AsyncIterator[ObjectMeta]:
         for meta in await self.run(self._scan_sync):

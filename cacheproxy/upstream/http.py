@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,33 @@ class UpstreamResponse:
     async def read_chunk(self) -> bytes:
         """The next bytes of the body (b"" at its clean end); raise on a broken transfer."""
         return await self.raw.content.readany()
+
+    def detach_socket(self) -> tuple[bytes, int] | None:
+        """Take the rest of a plain-TCP body of known length out of aiohttp's hands.
+
+        Returns the body bytes aiohttp already holds and a duplicate of the connection's socket,
+        with aiohttp no longer reading from it, so the rest can be spliced from the socket into a
+        file without passing through Python. The connection cannot be reused afterwards: close
+        the response when done. None when this is not possible (TLS, chunked, unknown length).
+        """
+        conn = self.raw.connection
+        if conn is None or conn.protocol is None or self.content_length is None:
+            return None
+        if "chunked" in self.raw.headers.get("Transfer-Encoding", "").lower():
+            return None
+        transport = conn.transport
+        if transport is None or transport.is_closing() or transport.get_extra_info("sslcontext") is not None:
+            return None
+        sock = transport.get_extra_info("socket")
+        content = self.raw.content
+        if sock is None or content.exception() is not None:
+            return None
+        try:
+            data = content.read_nowait()
+        except RuntimeError:  # someone is waiting on the stream
+            return None
+        conn.protocol.pause_reading()  # also stops aiohttp's read timeout: the splicer has its own
+        return data, os.dup(sock.fileno())
 
     def release(self) -> None:
         self.raw.release()

@@ -137,3 +137,38 @@ async def test_evicted_by_another_worker_is_fetched_again(
     response, body = await b.get(url)
     assert response.status == 200 and body == route.body and response.headers["X-Cache"] == "MISS"
     assert origin.hits("/evict.tar.gz") == 2
+
+
+async def test_restart_takes_the_index_snapshot_and_checks_it(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Path
+) -> None:
+    store = tmp_path / "shared"
+    a = await make_proxy(store)
+    for name in ("keep", "gone"):
+        origin.add(f"/{name}.tar.gz", body=name.encode() * 100)
+        await a.get(origin.url(f"/{name}.tar.gz"))
+    await a.wait_idle()
+    await a.state.cache.close()  # as at shutdown: writes the snapshot
+    snapshot = store / "index.json"
+    assert snapshot.exists()
+    restarted = await make_proxy(store)
+    assert restarted.state.store.scan_reads == 0, "every entry came from the snapshot"
+    assert len(restarted.state.cache.index) == 2
+    # After the snapshot: one object removed, one added (by another worker, say).
+    gone = restarted.state.cache.index.get(origin.url("/gone.tar.gz"))
+    assert gone is not None
+    await restarted.state.cache.purge(gone)
+    origin.add("/new.tar.gz", body=b"new" * 100)
+    await restarted.get(origin.url("/new.tar.gz"))
+    await restarted.wait_idle()
+    third = await make_proxy(store)
+    index = third.state.cache.index
+    assert index.get(origin.url("/gone.tar.gz")) is None
+    assert index.get(origin.url("/keep.tar.gz")) is not None and index.get(origin.url("/new.tar.gz")) is not None
+    assert third.state.store.scan_reads == 1, "only the entry the snapshot did not know was read"
+    response, body = await third.get(origin.url("/new.tar.gz"))
+    assert response.headers["X-Cache"] == "HIT" and body == b"new" * 100
+    # A damaged snapshot is ignored: the entries are read one by one.
+    snapshot.write_text("[{not json")
+    fourth = await make_proxy(store)
+    assert len(fourth.state.cache.index) == 2 and fourth.state.store.scan_reads == 2
