@@ -19,7 +19,6 @@ import socket
 import time
 from dataclasses import replace
 
-from .app import serve
 from .config import Config, ListenAddress
 
 log = logging.getLogger(__name__)
@@ -39,6 +38,8 @@ def reserve(address: ListenAddress) -> socket.socket:
 
 
 def _worker(config: Config, grace: float, number: int) -> int:
+    from .app import serve  # imported here: the supervisor itself stays small
+
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     try:
@@ -52,6 +53,8 @@ def _worker(config: Config, grace: float, number: int) -> int:
 def run(config: Config, grace: float) -> int:
     """Serve with ``config.workers`` processes until SIGTERM/SIGINT. Returns the exit status."""
     if config.workers == 1:
+        from .app import serve
+
         asyncio.run(serve(config, grace))
         return 0
     reserved = [reserve(address) for address in config.listen]

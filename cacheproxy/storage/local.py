@@ -37,7 +37,7 @@ from .base import ObjectMeta, Storage, Writer
 
 log = logging.getLogger(__name__)
 
-HASH_CHUNK = 8 << 20
+HASH_CHUNK = 1 << 20
 IOV_MAX = 1024
 SPLICE_CHUNK = 1 << 20  # pipe size asked for, and bytes moved per splice
 REPORT_BYTES = 1 << 20  # the splicer reports progress every this many bytes ...

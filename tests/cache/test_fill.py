@@ -221,6 +221,20 @@ async def test_slow_origin_times_out_with_504(make_proxy: MakeProxy, origin: Ori
     assert origin.hits("/stuck.tar.gz") == 2
 
 
+async def test_body_that_stalls_is_resumed_then_aborted(make_proxy: MakeProxy, origin: Origin, tmp_path: Path) -> None:
+    proxy = await make_proxy(upstream__read_timeout="300ms", upstream__retries=1)
+    # 64 KiB, then a second of silence per chunk: longer than read_timeout every time.
+    origin.add("/stall.tar.gz", body=os.urandom(256 << 10), rate=64 << 10)
+    started = time.monotonic()
+    result = await curl(proxy, origin.url("/stall.tar.gz"), "-o", str(tmp_path / "s.out"))
+    assert result.rc != 0, "a stalled transfer must not end cleanly"
+    assert time.monotonic() - started < 3.5
+    ranged = [s for s in origin.log if s.path == "/stall.tar.gz" and "Range" in s.headers]
+    assert len(ranged) == 1, "one resume (retries=1) after the first stall"
+    await proxy.wait_idle()
+    assert stored_bodies(proxy) == [] and temp_files(proxy) == []
+
+
 async def test_parent_proxy_carries_upstream_traffic(make_proxy: MakeProxy, origin: Origin, tmp_path: Path) -> None:
     parent = await make_proxy(tmp_path / "parent")
     child = await make_proxy(tmp_path / "child", upstream__parent_proxy=parent.url)
