@@ -109,7 +109,7 @@ async def serve(config: Config, grace: float = DEFAULT_GRACE, worker: int | None
             runner, app[STATE], address.host, address.port, backlog=LISTEN_BACKLOG, reuse_port=worker is not None
         )
         await site.start()
-        if not worker:
+        if worker is None:
             log.info("listening on %s (cache %s)", address, config.cache.dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 RESTART_WINDOW = 60.0  # seconds
 MAX_RESTARTS = 5  # worker deaths within the window before the supervisor gives up
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def reserve(address: ListenAddress) -> socket.socket:
@@ -40,8 +41,6 @@ def reserve(address: ListenAddress) -> socket.socket:
 def _worker(config: Config, grace: float, number: int) -> int:
     from .app import serve  # imported here: the supervisor itself stays small
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
     try:
         asyncio.run(serve(config, grace, worker=number))
     except BaseException:
@@ -68,12 +67,18 @@ def run(config: Config, grace: float) -> int:
     deaths: list[float] = []
 
     def spawn(number: int) -> None:
+        # Signals wait until the child has its own handlers: the supervisor's must never run there.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:
+            for signum in (*STOP_SIGNALS, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             for sock in reserved:
                 sock.close()
             os._exit(_worker(config, grace, number))
         children[pid] = number
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
