@@ -51,10 +51,7 @@ def create_app(config: Config, grace: float = DEFAULT_GRACE) -> web.Application:
         asyncio.get_running_loop().set_default_executor(executor)
         await upstream.start()
         await cache.load()
-        background = [
-            asyncio.create_task(_housekeeping(cache, config.cache.cleanup_interval)),
-            asyncio.create_task(_flush_logs()),
-        ]
+        background = [asyncio.create_task(_housekeeping(cache, config.cache.cleanup_interval))]
         yield
         for task in background:
             task.cancel()
@@ -75,12 +72,6 @@ async def _housekeeping(cache: Cache, interval: float) -> None:
             await cache.cleanup()
         except Exception:
             log.exception("periodic clean-up failed")
-
-
-async def _flush_logs() -> None:
-    while True:
-        await asyncio.sleep(1.0)
-        flush_access_log()
 
 
 def runner_for(app: web.Application, grace: float = DEFAULT_GRACE) -> web.AppRunner:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
@@ -11,18 +10,12 @@ from yarl import URL
 
 from ..config import Config, IPNetwork
 from ..errors import Denied
+from .ssrf import parse_ip
 
 
 def _in(address: str | None, networks: Sequence[IPNetwork]) -> bool:
-    if not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+    ip = parse_ip(address) if address else None
+    return ip is not None and any(ip in net for net in networks)
 
 
 class AccessRules:

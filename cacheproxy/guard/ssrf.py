@@ -20,14 +20,20 @@ class PrivateUpstreamError(OSError):
     """The origin resolves to an address the guard refuses."""
 
 
-def is_public(address: str) -> bool:
+def parse_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as the guard compares it: zone index dropped, IPv4-mapped IPv6 as IPv4."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_public(address: str) -> bool:
+    ip = parse_ip(address)
+    return ip is not None and ip.is_global and not ip.is_multicast
 
 
 class SsrfGuard:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -27,51 +29,79 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
-class _AccessFile(logging.FileHandler):
-    """The access log file, written in batches: at most every FLUSH_EVERY seconds or FLUSH_BYTES.
+class _AccessFile(logging.Handler):
+    """The access log file, written by a thread of its own in batches.
 
-    Each flush writes whole lines with O_APPEND, so the workers of one group can share the file.
-    :func:`flush_access_log` runs every second, so a quiet proxy's last lines wait at most that.
+    Requests only append their line to a list; the writer thread writes what gathered every
+    FLUSH_EVERY seconds (sooner past FLUSH_BYTES) with one ``write`` on an O_APPEND descriptor, so
+    the workers of one group can share the file and a slow disk (writeback of large downloads can
+    stall writes for a long moment) never holds up the event loop. The thread is started in the
+    process that logs first, so forked workers each get their own.
     """
 
     def __init__(self, filename: str) -> None:
-        self._pending = 0
-        self._flushed = time.monotonic()
-        super().__init__(filename, encoding="utf-8")
-
-    def _open(self):  # type: ignore[no-untyped-def]
-        return open(self.baseFilename, self.mode, encoding=self.encoding, buffering=BUFFER_BYTES)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._pending += 200  # about a line; exactness does not matter below the buffer size
-        super().emit(record)
+        super().__init__()
+        self.path = filename
+        self._fd = os.open(filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._pid = 0
+        self._wake = threading.Condition()
+        self._lines: list[str] = []
+        self._size = 0
+        self._closed = False
 
     def write_line(self, line: str) -> None:
         """The line as the text format would write it, without building a LogRecord (hot path)."""
-        with self.lock:  # type: ignore[union-attr]
-            if self.stream is None:
-                self.stream = self._open()
-            self.stream.write(line + "\n")
-            self._pending += len(line)
-            self.flush()
+        if self._pid != os.getpid():
+            self._start()
+        with self._wake:
+            self._lines.append(line)
+            self._size += len(line)
+            if self._size >= FLUSH_BYTES:
+                self._wake.notify()
 
-    def flush(self) -> None:
-        now = time.monotonic()
-        if self._pending >= FLUSH_BYTES or now - self._flushed >= FLUSH_EVERY:
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.write_line(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self._wake = threading.Condition()  # a lock held across fork would never be released
+        threading.Thread(target=self._run, name="cacheproxy-access-log", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._closed:
+            with self._wake:
+                self._wake.wait_for(lambda: self._size >= FLUSH_BYTES or self._closed, timeout=FLUSH_EVERY)
             self.flush_now()
 
     def flush_now(self) -> None:
-        super().flush()
-        self._pending = 0
-        self._flushed = time.monotonic()
+        """Write what gathered (blocking)."""
+        with self._wake:
+            lines, self._lines, self._size = self._lines, [], 0
+        if lines and self._fd >= 0:
+            data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+            while data:
+                data = data[os.write(self._fd, data) :]
+
+    def close(self) -> None:
+        self._closed = True
+        with self._wake:
+            self._wake.notify()
+        self.flush_now()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        super().close()
 
 
 FLUSH_EVERY = 0.5  # seconds
 FLUSH_BYTES = 256 << 10
-BUFFER_BYTES = 1 << 20  # larger than FLUSH_BYTES: the file object never flushes half a line itself
 
 
 def flush_access_log() -> None:
+    """Write the gathered access lines now (blocking: for shutdown and tests)."""
     for handler in logging.getLogger(ACCESS).handlers:
         if isinstance(handler, _AccessFile):
             handler.flush_now()

@@ -72,7 +72,7 @@ async def entry(request: web.Request, handler: Handler) -> web.StreamResponse:
             state.metrics.denied.labels(exc.code).inc()
         response = error_response(request, exc)
         return response
-    except ConnectionResetError:  # the client went away mid-answer: nothing left to tell it
+    except ConnectionError:  # the client went away mid-answer (reset, broken pipe): nothing left to tell it
         error = "client_gone"
         response = None
         return web.Response(status=499)

@@ -4,8 +4,11 @@ with the full path taking over a connection at the first request it cannot answe
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
+
+import pytest
 
 from cacheproxy.config import load_config
 from cacheproxy.ops.logging import flush_access_log, setup_access_log
@@ -147,3 +150,19 @@ async def test_fast_hits_are_counted_and_logged(make_proxy: MakeProxy, origin: O
         assert 'cacheproxy_response_bytes_total{source="cache"} 2100.0' in metrics
     finally:
         setup_access_log(load_config(None, config_values(tmp_path)).log)  # back to the root logger
+
+
+async def test_client_leaving_mid_answer_is_not_an_error(
+    proxy: Proxy, origin: Origin, caplog: pytest.LogCaptureFixture
+) -> None:
+    url, _ = await stored(proxy, origin, "/leave.tar.gz", 32 << 20)
+    for extra in ((), ("Range: bytes=0-",)):  # the fast path, then the full path
+        conn = await Connection.open(proxy)
+        conn.send(get(url, *extra))
+        await conn.reader.readexactly(100_000)
+        conn.writer.transport.abort()  # reset, mid-body
+        await asyncio.sleep(0.3)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    response, body = await proxy.get(url)  # and the proxy serves on
+    assert response.status == 200 and len(body) == 32 << 20
