@@ -128,7 +128,10 @@ class FastPath:
             return None
         cache = self.state.cache
         meta = cache.index.get(key)
-        if meta is None or meta.vary or not is_fresh(meta.lifetime, meta.response_time, time.time()):
+        if meta is None:
+            # Perhaps another worker stored it: look in the store, as the full path would.
+            return None if key in cache.fills else self._warm(key, None)
+        if meta.vary or not is_fresh(meta.lifetime, meta.response_time, time.time()):
             return None
         ready = self._ready.get(key)
         if ready is None or ready.signature != _signature(meta):
@@ -168,15 +171,20 @@ class FastPath:
 
     # -- keeping bodies and files ready -------------------------------------------------------
 
-    def _warm(self, key: str, meta: ObjectMeta) -> asyncio.Future[None]:
+    def _warm(self, key: str, meta: ObjectMeta | None) -> asyncio.Future[None]:
         task = self._warming.get(key)
         if task is None:
             task = self._warming[key] = asyncio.get_running_loop().create_task(self._load(key, meta))
         return task
 
-    async def _load(self, key: str, meta: ObjectMeta) -> None:
-        path = self.state.store.body_path(meta)
+    async def _load(self, key: str, meta: ObjectMeta | None) -> None:
+        """Read a small body or open a larger one; ``meta`` None: first ask the store for it."""
         try:
+            if meta is None:
+                meta = await self.state.cache.from_store(key)
+                if meta is None:
+                    return
+            path = self.state.store.body_path(meta)
             if meta.size <= SMALL_BODY:
                 body = await self.state.store.run(_read_all, path)
                 if len(body) != meta.size:

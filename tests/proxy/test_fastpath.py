@@ -71,12 +71,14 @@ async def test_keep_alive_hits_pipelined_and_handed_over(proxy: Proxy, origin: O
     for expected, head_only in ((small, False), (large, False), (b"", True)):
         status, headers, body = await conn.response(head_only)
         assert status == 200 and headers["x-cache"] == "HIT" and body == expected
+        assert "server" not in headers, "the fast path answered (aiohttp adds a Server header)"
         assert headers["via"] == "1.1 cacheproxy" and headers["accept-ranges"] == "bytes"
         assert headers["x-checksum-sha256"] and headers["etag"] == '"v1"' and "date" in headers and "age" in headers
     # A Range request is beyond the fast path: the full path takes the connection and answers it...
     conn.send(get(small_url, "Range: bytes=10-19"))
     status, headers, body = await conn.response()
     assert status == 206 and body == small[10:20] and headers["content-range"] == "bytes 10-19/5000"
+    assert "server" in headers, "aiohttp answered"
     # ... and the hits after it on the same connection.
     conn.send(get(large_url))
     status, headers, body = await conn.response()
@@ -166,3 +168,19 @@ async def test_client_leaving_mid_answer_is_not_an_error(
     assert errors == [], [r.getMessage() for r in errors]
     response, body = await proxy.get(url)  # and the proxy serves on
     assert response.status == 200 and len(body) == 32 << 20
+
+
+async def test_object_of_another_worker_takes_the_fast_path(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Path
+) -> None:
+    a = await make_proxy(tmp_path / "shared")
+    b = await make_proxy(tmp_path / "shared")
+    url, body = await stored(a, origin, "/peer.tar.gz", 2000)
+    conn = await Connection.open(b)  # b has never seen the object
+    conn.send(get(url), get(url))
+    for _ in range(2):
+        status, headers, got = await conn.response()
+        assert status == 200 and got == body and headers["x-cache"] == "HIT"
+        assert "server" not in headers, "answered by the fast path (aiohttp adds a Server header)"
+    conn.close()
+    assert origin.hits("/peer.tar.gz") == 1
