@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 8 << 10  # longer request heads go to aiohttp (which enforces the real limits)
 SMALL_BODY = 64 << 10  # bodies up to this size are kept in memory ...
 MEMORY_BUDGET = 32 << 20  # ... up to this much in all
-OPEN_FILES = 256  # larger bodies: this many open files kept
+OPEN_FILES = 512  # objects kept ready (each holds its body file open, to notice its removal)
 KNOWN_TARGETS = 10_000  # request targets remembered with their cache key
 KEEPALIVE = 75.0  # seconds an idle connection stays open (as aiohttp)
 # Request headers that need the full machinery (conditionals, ranges, revalidation, bodies).
@@ -64,11 +64,12 @@ HEAD_END = b"\r\n\r\n"
 
 
 class Ready:
-    """A hit ready to go out: the unchanging part of its headers, and its body or open file."""
+    """A hit ready to go out: the unchanging part of its headers, its file held open (which also
+    tells when another worker removed it), and for a small object the body itself."""
 
     __slots__ = ("body", "fd", "head", "meta", "signature")
 
-    def __init__(self, meta: ObjectMeta, body: bytes | None, fd: int | None) -> None:
+    def __init__(self, meta: ObjectMeta, body: bytes | None, fd: int) -> None:
         self.meta = meta
         self.signature = _signature(meta)
         headers = hit_headers(meta, "HIT")
@@ -80,9 +81,9 @@ class Ready:
         self.fd = fd
 
     def close(self) -> None:
-        if self.fd is not None:
+        if self.fd >= 0:
             os.close(self.fd)
-            self.fd = None
+            self.fd = -1
 
 
 def _signature(meta: ObjectMeta) -> tuple[int, str, float]:
@@ -96,7 +97,6 @@ class FastPath:
         self.state = state
         self._ready: collections.OrderedDict[str, Ready] = collections.OrderedDict()
         self._memory = 0
-        self._files = 0
         self._warming: dict[str, asyncio.Task[None]] = {}
         self.connections: set[HitProtocol] = set()
         self._targets: dict[bytes, str | None] = {}  # raw target -> cache key, None: not ours
@@ -138,6 +138,11 @@ class FastPath:
             if ready is not None:
                 self._drop(key)
             return self._warm(key, meta)
+        if os.fstat(ready.fd).st_nlink == 0:
+            # Evicted or purged by another worker: what we hold is no longer in the cache.
+            self._drop(key)
+            cache.forget(meta)
+            return None
         self._ready.move_to_end(key)
         cache.touch(meta)
         return ready
@@ -184,35 +189,33 @@ class FastPath:
                 meta = await self.state.cache.from_store(key)
                 if meta is None:
                     return
-            path = self.state.store.body_path(meta)
+            fd = await self.state.store.run(os.open, self.state.store.body_path(meta), os.O_RDONLY | os.O_CLOEXEC)
+            body = None
             if meta.size <= SMALL_BODY:
-                body = await self.state.store.run(_read_all, path)
+                try:
+                    body = await self.state.store.run(os.pread, fd, meta.size + 1, 0)
+                except OSError:
+                    os.close(fd)
+                    raise
                 if len(body) != meta.size:
+                    os.close(fd)
                     return
-                ready = Ready(meta, body, None)
-            else:
-                ready = Ready(meta, None, await self.state.store.run(os.open, path, os.O_RDONLY | os.O_CLOEXEC))
+            ready = Ready(meta, body, fd)
         except OSError:
             return
         finally:
             self._warming.pop(key, None)
         self._drop(key)
         self._ready[key] = ready
-        if ready.body is not None:
-            self._memory += len(ready.body)
-        else:
-            self._files += 1
-        while self._memory > MEMORY_BUDGET or self._files > OPEN_FILES:
+        self._memory += len(ready.body or b"")
+        while self._memory > MEMORY_BUDGET or len(self._ready) > OPEN_FILES:
             self._drop(next(iter(self._ready)))
 
     def _drop(self, key: str) -> None:
         ready = self._ready.pop(key, None)
         if ready is None:
             return
-        if ready.body is not None:
-            self._memory -= len(ready.body)
-        else:
-            self._files -= 1
+        self._memory -= len(ready.body or b"")
         ready.close()
 
     async def close(self, grace: float) -> None:
@@ -250,11 +253,6 @@ class FastPath:
         if sent:
             self._cache_bytes.inc(sent)
         log_access(AccessRecord(client, method, target, 200, sent, "HIT", time.monotonic() - started))
-
-
-def _read_all(path: os.PathLike[str] | str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 class HitProtocol(asyncio.Protocol):
@@ -343,7 +341,6 @@ class HitProtocol(asyncio.Protocol):
                     transport.close()
                 continue
             transport.write(head)
-            assert ready.fd is not None
             fd = os.dup(ready.fd)
             transport.pause_reading()
             self._busy = asyncio.get_running_loop().create_task(
