@@ -29,7 +29,7 @@ def _config_from(args: argparse.Namespace) -> Config:
 def _serve(args: argparse.Namespace) -> int:
     from . import workers
     from .ops.logging import setup_logging
-    from .ops.memory import return_large_buffers
+    from .ops.system import return_large_buffers
 
     return_large_buffers()
 

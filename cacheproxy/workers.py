@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 
 from .config import Config, ListenAddress
+from .ops.system import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,12 @@ def run(config: Config, grace: float) -> int:
     def spawn(number: int) -> None:
         # Signals wait until the child has its own handlers: the supervisor's must never run there.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
             for signum in (*STOP_SIGNALS, signal.SIGCHLD):
                 signal.signal(signum, signal.SIG_DFL)
+            die_with_parent(supervisor)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             for sock in reserved:
                 sock.close()

@@ -176,3 +176,29 @@ async def test_workers_share_the_port_and_fetch_once(origin: Origin, tmp_path: P
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 20) == 0
         assert origin.hits("/w.tar.gz") == 1
+
+
+async def test_workers_end_with_their_supervisor(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port, workers=2)
+    async with cacheproxy_process(config, port) as process:
+        workers = children_of(process.pid)
+        process.send_signal(signal.SIGKILL)  # no chance to stop them itself
+        await process.wait()
+        for _ in range(100):
+            if not any(_alive(pid) for pid in workers):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("workers outlived their supervisor")
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, "nobody serves the port any more"
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waits only for its parent to collect it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
