@@ -238,12 +238,7 @@ class Cache:
         try:
             while (head := await self.store.run(watch.head)) is None:
                 if await self.store.run(watch.owner_done):
-                    current = await self.from_store(fill.key)
-                    if current is None:
-                        return False
-                    fill.set_outcome(Hit(current))
-                    fill.finish()
-                    return True
+                    return await self._follow_done(fill, None)
                 await asyncio.sleep(FOLLOW_POLL)
             try:
                 fill.start_streaming(head.part, Head(CIMultiDict(head.headers), head.size))
@@ -261,6 +256,7 @@ class Cache:
             watch.close()
 
     async def _follow_done(self, fill: Fill, size: int | None) -> bool:
+        """The other worker's fill ended: complete our clients' bodies, or answer from the store."""
         current = await self.from_store(fill.key)
         if fill.head.done():
             if current is not None and current.size == fill.written and size in (None, fill.written):
