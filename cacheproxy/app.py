@@ -17,6 +17,7 @@ from .guard.ssrf import SsrfGuard
 from .ops import health
 from .ops.logging import flush_access_log
 from .ops.metrics import Metrics
+from .proxy.certs import Authority
 from .proxy.fastpath import ProxySite
 from .proxy.handler import entry
 from .proxy.respond import Responder
@@ -44,7 +45,12 @@ def create_app(config: Config, grace: float = DEFAULT_GRACE) -> web.Application:
     store = LocalStore(config.cache.dir, executor)
     upstream = HttpUpstream(config.upstream, access, guard, metrics)
     cache = Cache(config, store, upstream, metrics)
-    app[STATE] = AppState(config, metrics, access, store, upstream, cache, Responder(store, metrics), executor)
+    authority = None
+    if config.tls_intercept.enabled:
+        authority = Authority(config.tls_intercept.ca_cert, config.tls_intercept.ca_key)
+    app[STATE] = AppState(
+        config, metrics, access, store, upstream, cache, Responder(store, metrics), executor, authority
+    )
     health.add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -60,6 +66,8 @@ def create_app(config: Config, grace: float = DEFAULT_GRACE) -> web.Application:
         await cache.close(grace)
         await upstream.close()
         executor.shutdown(wait=True)
+        if authority is not None:
+            authority.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -23,7 +23,15 @@ def _config_from(args: argparse.Namespace) -> Config:
         overrides["cache.dir"] = args.cache_dir
     if getattr(args, "log_level", None):
         overrides["log.level"] = args.log_level
-    return load_config(path, overrides)
+    config = load_config(path, overrides)
+    if config.tls_intercept.enabled:  # the CA must load, not just exist
+        from .proxy.certs import Authority, AuthorityError
+
+        try:
+            Authority(config.tls_intercept.ca_cert, config.tls_intercept.ca_key).close()
+        except AuthorityError as exc:
+            raise ConfigError([f"{config.source}:{exc}"]) from None
+    return config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -42,6 +50,23 @@ def _check_config(args: argparse.Namespace) -> int:
     config = _config_from(args)
     sys.stdout.write(f"# effective configuration from {config.source}\n")
     sys.stdout.write(dump_config(config))
+    return 0
+
+
+def _ca_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .proxy.certs import create_ca
+
+    try:
+        cert, key = create_ca(Path(args.out), common_name=args.name, force=args.force)
+    except (FileExistsError, OSError) as exc:
+        print(f"cacheproxy ca init: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {cert} (install it as a trusted CA on build machines)")
+    print(f"wrote {key} (mode 0600: keep it secret, readable only by cacheproxy)")
+    print("config:\n  tls_intercept:\n    enabled: true")
+    print(f"    ca_cert: {cert.resolve()}\n    ca_key: {key.resolve()}")
     return 0
 
 
@@ -66,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and print the effective config")
     check.add_argument("-c", "--config", help="YAML config file (default: $CACHEPROXY_CONFIG)")
     check.set_defaults(func=_check_config)
+
+    ca = commands.add_parser("ca", help="the local CA of TLS interception")
+    ca_commands = ca.add_subparsers(dest="ca_command", required=True)
+    ca_init = ca_commands.add_parser("init", help="create a CA certificate (ca.pem) and key (ca.key, mode 0600)")
+    ca_init.add_argument("--out", required=True, help="directory to write ca.pem and ca.key into")
+    ca_init.add_argument("--name", help="the CA's common name (default: cacheproxy CA (HOSTNAME))")
+    ca_init.add_argument("--force", action="store_true", help="replace existing files")
+    ca_init.set_defaults(func=_ca_init)
     return parser
 
 

@@ -217,6 +217,7 @@ class StorageConfig:
 class UpstreamConfig:
     connect_timeout: PositiveDuration = 10.0
     read_timeout: PositiveDuration = 60.0
+    tunnel_idle_timeout: PositiveDuration = 300.0  # a CONNECT tunnel with no bytes either way this long closes
     retries: Annotated[int, _non_negative_int] = 3
     retry_backoff: Duration = 1.0
     parent_proxy: Annotated[str, _http_url] | None = None

@@ -7,6 +7,7 @@ place that turns it into a status, an ``X-Cacheproxy-Error`` code and a one-line
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 from aiohttp import web
 
@@ -77,5 +78,25 @@ def error_response(request: web.BaseRequest, exc: ProxyError) -> web.Response:
     if "application/json" in request.headers.get("Accept", ""):
         body = json.dumps({"error": exc.code, "status": exc.status, "reason": exc.reason}) + "\n"
         return web.Response(status=exc.status, text=body, content_type="application/json", headers=headers)
+    return web.Response(status=exc.status, text=_plain(exc), headers=headers)
+
+
+def _plain(exc: ProxyError) -> str:
     reason = " ".join(exc.reason.split())  # one line, whatever the cause said
-    return web.Response(status=exc.status, text=f"{exc.code}: {reason}\n", headers=headers)
+    return f"{exc.code}: {reason}\n"
+
+
+def raw_error_response(exc: ProxyError) -> bytes:
+    """The same answer as :func:`error_response`, as bytes for a connection aiohttp does not
+    serve (a refused CONNECT); the connection closes after it."""
+    body = _plain(exc).encode()
+    headers = {
+        ERROR_HEADER: exc.code,
+        "Via": VIA,
+        **exc.headers,
+        "Content-Type": "text/plain; charset=utf-8",
+        "Content-Length": str(len(body)),
+        "Connection": "close",
+    }
+    lines = [f"HTTP/1.1 {exc.status} {HTTPStatus(exc.status).phrase}"] + [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -11,6 +13,7 @@ from .cache.manager import Cache
 from .config import Config
 from .guard.access import AccessRules
 from .ops.metrics import Metrics
+from .proxy.certs import Authority
 from .proxy.respond import Responder
 from .storage.local import LocalStore
 from .upstream.http import HttpUpstream
@@ -26,6 +29,11 @@ class AppState:
     cache: Cache
     responder: Responder
     executor: ThreadPoolExecutor
+    authority: Authority | None = None  # TLS interception on
+    # Decrypted connections of intercepted CONNECTs -> the https origin their requests are for.
+    intercepted: weakref.WeakKeyDictionary[asyncio.BaseTransport, str] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
 
 
 STATE: web.AppKey[AppState] = web.AppKey("state", AppState)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 from yarl import URL
 
@@ -70,6 +72,28 @@ async def origin() -> AsyncIterator[Origin]:
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture(scope="session")
+def origin_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+async def tls_origin(origin_ca: trustme.CA, tmp_path: Path) -> AsyncIterator[Origin]:
+    """An https origin for ``localhost`` and ``127.0.0.1``; its CA's PEM is at ``ca_file(tls_origin)``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    origin_ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    server = Origin(context)
+    origin_ca.cert_pem.write_to_path(str(tmp_path / "origin-ca.pem"))
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def origin_ca_file(tmp_path: Path) -> Path:
+    """The PEM of the CA that signed ``tls_origin``'s certificate (as the fixture wrote it)."""
+    return tmp_path / "origin-ca.pem"
 
 
 def config_values(cache_dir: Path, **overrides: Any) -> dict[str, Any]:

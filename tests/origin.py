@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
@@ -42,7 +43,8 @@ class Seen:
 
 
 class Origin:
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
         self.routes: dict[str, Route] = {}
         self.log: list[Seen] = []
         self._served: dict[str, int] = {}
@@ -53,8 +55,9 @@ class Origin:
         self.routes[path] = route or Route(**kwargs)  # type: ignore[arg-type]
         return self.routes[path]
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{host}:{self.port}{path}"
 
     def hits(self, path: str, method: str = "GET") -> int:
         return sum(1 for s in self.log if s.path == path and s.method == method)
@@ -64,7 +67,7 @@ class Origin:
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

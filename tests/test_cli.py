@@ -202,3 +202,24 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return "State:\tZ" not in status
+
+
+async def test_ca_init_and_a_config_that_uses_it(tmp_path: Path) -> None:
+    out = tmp_path / "ca"
+    made = await run(sys.executable, "-m", "cacheproxy", "ca", "init", "--out", str(out))
+    assert made.rc == 0, made.stderr
+    assert (out / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert b"BEGIN CERTIFICATE" in (out / "ca.pem").read_bytes()
+    again = await run(sys.executable, "-m", "cacheproxy", "ca", "init", "--out", str(out))
+    assert again.rc == 1 and "exists" in again.stderr  # an existing CA is never replaced silently
+    tls = {"enabled": True, "ca_cert": str(out / "ca.pem"), "ca_key": str(out / "ca.key")}
+    config = write_config(tmp_path, free_port(), tls_intercept=tls)
+    checked = await run(sys.executable, "-m", "cacheproxy", "check-config", "-c", str(config))
+    assert checked.rc == 0, checked.stderr
+    # A key that is not the certificate's: refused with the key's name, no traceback.
+    other = tmp_path / "other"
+    assert (await run(sys.executable, "-m", "cacheproxy", "ca", "init", "--out", str(other))).rc == 0
+    config = write_config(tmp_path, free_port(), tls_intercept={**tls, "ca_key": str(other / "ca.key")})
+    checked = await run(sys.executable, "-m", "cacheproxy", "check-config", "-c", str(config))
+    assert checked.rc == 2
+    assert "tls_intercept.ca_key" in checked.stderr and "Traceback" not in checked.stderr

@@ -29,10 +29,12 @@ class AccessRules:
         self._deny_suffixes = tuple(s.lower() for s in rules.deny_suffixes)
 
     def client_address(self, request: web.BaseRequest) -> str:
+        return self.client_from(request.remote or "", request.headers.get("X-Forwarded-For", ""))
+
+    def client_from(self, remote: str, forwarded_for: str) -> str:
         """The client's address; X-Forwarded-For is believed only from ``trusted_proxies``."""
-        remote = request.remote or ""
         if self._trusted and _in(remote, self._trusted):
-            hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+            hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
             for hop in reversed(hops):
                 if not _in(hop, self._trusted):
                     return hop
@@ -43,13 +45,16 @@ class AccessRules:
             raise Denied(f"client {address} is not in rules.allow_clients", code="client_denied")
 
     def check_url(self, url: URL) -> None:
-        host = (url.host or "").lower()
-        if any(fnmatchcase(host, p) for p in self._deny_hosts) or not any(
-            fnmatchcase(host, p) for p in self._allow_hosts
-        ):
-            raise Denied(f"upstream host {host} is not allowed", code="host_denied")
+        self.check_host(url.host or "")
         path = url.path.lower()
         if self._allow_suffixes and not path.endswith(self._allow_suffixes):
             raise Denied(f"only URLs ending in {', '.join(self._allow_suffixes)} are served", code="suffix_denied")
         if path.endswith(self._deny_suffixes):
             raise Denied(f"URLs ending in {path.rsplit('.', 1)[-1]!r} are not served", code="suffix_denied")
+
+    def check_host(self, host: str) -> None:
+        host = host.lower()
+        if any(fnmatchcase(host, p) for p in self._deny_hosts) or not any(
+            fnmatchcase(host, p) for p in self._allow_hosts
+        ):
+            raise Denied(f"upstream host {host} is not allowed", code="host_denied")

@@ -31,6 +31,7 @@ from ..errors import ProxyError
 from ..ops.logging import AccessRecord, log_access
 from ..state import AppState
 from ..storage.base import ObjectMeta
+from . import connect
 from .respond import hit_headers
 from .target import classify
 
@@ -99,6 +100,9 @@ class FastPath:
         self._memory = 0
         self._warming: dict[str, asyncio.Task[None]] = {}
         self.connections: set[HitProtocol] = set()
+        self.tunnels: set[connect.Tunnel] = set()
+        self.connects: set[asyncio.Task[None]] = set()  # CONNECTs being answered
+        self.authority = state.authority  # TLS interception on
         self._targets: dict[bytes, str | None] = {}  # raw target -> cache key, None: not ours
         self._clients: dict[str, bool] = {}
         self._trusted = bool(state.config.trusted_proxies)
@@ -219,11 +223,16 @@ class FastPath:
         ready.close()
 
     async def close(self, grace: float) -> None:
-        """Idle connections close now; answers being sent get ``grace`` seconds."""
+        """Idle connections close now; answers being sent and open tunnels get ``grace`` seconds."""
         busy = [c.close_when_idle() for c in list(self.connections)]
-        running = [task for task in busy if task is not None]
+        running: list[asyncio.Future[None]] = [task for task in busy if task is not None]
+        running += [tunnel.closed for tunnel in self.tunnels] + list(self.connects)
         if running:
             await asyncio.wait(running, timeout=grace)
+        for task in self.connects:
+            task.cancel()
+        for tunnel in list(self.tunnels):
+            tunnel.abort()
         for task in self._warming.values():
             task.cancel()
         for key in list(self._ready):
@@ -258,9 +267,11 @@ class FastPath:
 class HitProtocol(asyncio.Protocol):
     """One client connection: fast hits here, anything else handed to aiohttp for good."""
 
-    def __init__(self, fast: FastPath, fallback: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, fast: FastPath, fallback: Callable[[], asyncio.Protocol], origin: str | None = None) -> None:
         self._fast = fast
         self._fallback = fallback
+        # Inside an intercepted CONNECT: origin-form targets are paths of this https origin.
+        self._origin = origin.encode("latin-1") if origin is not None else None
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._peer = ""
@@ -279,6 +290,8 @@ class HitProtocol(asyncio.Protocol):
         self._peer = peer[0] if peer else ""
         self._fast.connections.add(self)
         self._arm_idle()
+        if self._buffer:  # TLS (intercepted CONNECT): a request may come before start_tls returns
+            self._process()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -313,11 +326,19 @@ class HitProtocol(asyncio.Protocol):
                     self._hand_off()
                 return
             started = time.monotonic()
+            if self._buffer.startswith(b"CONNECT "):
+                if self._origin is None:
+                    self._connect(transport, end)
+                else:
+                    self._hand_off()  # no CONNECT inside a tunnel: aiohttp refuses it
+                return
             parsed = _parse_head(self._buffer, end)
             if parsed is None:
                 self._hand_off()
                 return
             method, target, http10, keep_alive = parsed
+            if self._origin is not None and target.startswith(b"/"):
+                target = self._origin + target
             ready = self._fast.lookup(target, self._peer)
             if isinstance(ready, asyncio.Future) and not waited:
                 waited = True
@@ -374,7 +395,7 @@ class HitProtocol(asyncio.Protocol):
     ) -> None:
         file = os.fdopen(fd, "rb", buffering=0)
         try:
-            await asyncio.get_running_loop().sendfile(transport, file, 0, ready.meta.size)
+            await asyncio.get_running_loop().sendfile(transport, file, 0, ready.meta.size)  # TLS: read and write
         except (OSError, RuntimeError):
             transport.abort()
             return
@@ -383,6 +404,19 @@ class HitProtocol(asyncio.Protocol):
             self._busy = None
         self._fast.served(self._peer, method, target, ready.meta.size, started)
         self._resume()
+
+    def _connect(self, transport: asyncio.Transport, end: int) -> None:
+        """The connection belongs to a CONNECT from now on (a tunnel, or TLS interception)."""
+        head = bytes(self._buffer[:end])
+        early = bytes(self._buffer[end + len(HEAD_END) :])
+        self._buffer.clear()
+        self._detach()
+        transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(
+            connect.serve_connect(self._fast, transport, head, early, self._peer, self._fallback)
+        )
+        self._fast.connects.add(task)
+        task.add_done_callback(self._fast.connects.discard)
 
     def _hand_off(self) -> None:
         """aiohttp takes the connection, with what was read and not yet answered."""

@@ -56,7 +56,9 @@ async def entry(request: web.Request, handler: Handler) -> web.StreamResponse:
     error = ""
     try:
         state.access.check_client(client)
-        target = classify(request.raw_path)
+        transport = request.transport
+        origin = state.intercepted.get(transport) if transport is not None and state.intercepted else None
+        target = classify(request.raw_path, origin)
         if target.kind == "service":
             result = None
             response = await handler(request)

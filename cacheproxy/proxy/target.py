@@ -48,8 +48,14 @@ def parse_origin_url(text: str) -> URL:
     return url
 
 
-def classify(raw_target: str) -> Target:
-    """What a request target asks for; raise BadRequest/BadUrl for nonsense."""
+def classify(raw_target: str, origin: str | None = None) -> Target:
+    """What a request target asks for; raise BadRequest/BadUrl for nonsense.
+
+    ``origin``: the request came inside an intercepted CONNECT to this ``https://host[:port]``,
+    where an origin-form path is a path of that origin (never one of ours).
+    """
+    if origin is not None and raw_target.startswith("/"):
+        return Target("absolute", parse_origin_url(origin + raw_target))
     if not raw_target.startswith("/"):
         return Target("absolute", parse_origin_url(raw_target))
     if raw_target.startswith(SERVICE_PREFIX) or raw_target in ("/_cacheproxy", "/metrics"):

@@ -19,6 +19,7 @@ from ..errors import Denied, ProxyError, UpstreamFailed, UpstreamTimeout
 from ..guard.access import AccessRules
 from ..guard.ssrf import GuardedResolver, PrivateUpstreamError, SsrfGuard
 from ..ops.metrics import Metrics
+from . import tunnel
 from .retry import RetryBudget
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,27 @@ class HttpUpstream:
             assert last is not None
             if not await budget.spend():
                 raise last
+
+    async def open_tunnel(self, host: str, port: int, factory: tunnel.ProtocolFactory) -> asyncio.Transport:
+        """A TCP connection to ``host:port`` for a CONNECT tunnel; raise a ProxyError on failure."""
+        assert self._resolver is not None
+        auth = (self._proxy_auth.login, self._proxy_auth.password) if self._proxy_auth is not None else None
+        try:
+            self._guard.check_literal(host)
+            if self._proxy is not None:
+                await self._guard.check_name(self._resolver, host, port)
+            return await tunnel.connect(
+                host,
+                port,
+                factory,
+                resolver=self._resolver,
+                connect_timeout=self.config.connect_timeout,
+                parent=self._proxy,
+                parent_auth=auth,
+            )
+        except (OSError, TimeoutError) as exc:
+            self._metrics.upstream_requests.labels("tunnel", "error").inc()
+            raise map_client_error(exc) from None
 
     async def resume(
         self, url: URL, offset: int, validator: str | None, headers: Mapping[str, str]
