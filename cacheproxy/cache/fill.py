@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from multidict import CIMultiDict
 
 from ..storage.base import ObjectMeta
-from ..upstream.http import UpstreamResponse
+from ..upstream.http import Response
 
 
 @dataclass
@@ -51,11 +51,11 @@ class Hit:
 class Passthrough:
     """A response that is not shared or stored: exactly one client takes the live upstream body."""
 
-    response: UpstreamResponse
+    response: Response
     x_cache: str = "MISS"
     _claimed: bool = field(default=False, repr=False)
 
-    def claim(self) -> UpstreamResponse | None:
+    def claim(self) -> Response | None:
         if self._claimed:
             return None
         self._claimed = True

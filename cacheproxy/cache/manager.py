@@ -22,10 +22,11 @@ from yarl import URL
 
 from ..config import Config
 from ..errors import ProxyError, TransferAborted, UpstreamFailed
+from ..ops.logging import redact
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta
 from ..storage.local import LocalStore, LocalWriter
-from ..upstream.http import BODY_ERRORS, HttpUpstream, UpstreamResponse, describe, end_to_end
+from ..upstream.http import BODY_ERRORS, HttpUpstream, Response, describe, end_to_end
 from ..upstream.retry import RetryBudget
 from .fill import Buffered, Fill, Head, Hit, Outcome, Passthrough
 from .flight import FillLock, HeadFile, Watch
@@ -191,7 +192,7 @@ class Cache:
         return fill
 
     def record_failure(self, url: URL | str, error: str) -> None:
-        self.recent_failures.append(Failure(str(url), error, time.time()))
+        self.recent_failures.append(Failure(redact(str(url)), redact(error), time.time()))
 
     async def _run_fill(self, fill: Fill, url: URL, stale: ObjectMeta | None, forward: dict[str, str]) -> None:
         lock = FillLock.for_key(self.store.tmp_dir, fill.key)
@@ -275,7 +276,7 @@ class Cache:
     ) -> None:
         started = time.monotonic()
         budget = self.upstream.new_budget()
-        response: UpstreamResponse | None = None
+        response: Response | None = None
         try:
             request_headers = dict(forward)
             if stale is not None:
@@ -307,7 +308,7 @@ class Cache:
             if response is not None:
                 response.release()
 
-    async def _revalidated(self, fill: Fill, stale: ObjectMeta, response: UpstreamResponse) -> None:
+    async def _revalidated(self, fill: Fill, stale: ObjectMeta, response: Response) -> None:
         # The 304 may update validators and freshness; what it leaves out stays as stored.
         merged: CIMultiDict[str] = CIMultiDict()
         if stale.etag:
@@ -330,7 +331,7 @@ class Cache:
         fill.set_outcome(Hit(stale, "REVALIDATED"))
         fill.finish()
 
-    async def _origin_error(self, fill: Fill, url: URL, response: UpstreamResponse) -> None:
+    async def _origin_error(self, fill: Fill, url: URL, response: Response) -> None:
         """A non-200 final answer: shared with every waiter when small, remembered if 404/410."""
         if response.status >= 400:
             self.record_failure(url, f"origin answered {response.status}")
@@ -339,7 +340,7 @@ class Cache:
             fill.set_outcome(Passthrough(response))
             return
         try:
-            body = await response.raw.content.read(BUFFER_LIMIT + 1)
+            body = await response.read_body(BUFFER_LIMIT)
         except BODY_ERRORS as exc:
             response.close()
             raise UpstreamFailed(f"upstream failed: {describe(exc)}") from None
@@ -356,7 +357,7 @@ class Cache:
         self,
         fill: Fill,
         url: URL,
-        response: UpstreamResponse,
+        response: Response,
         budget: RetryBudget,
         forward: dict[str, str],
         lock: FillLock,
@@ -405,12 +406,12 @@ class Cache:
     async def _tee(
         self,
         fill: Fill,
-        response: UpstreamResponse,
+        response: Response,
         writer: LocalWriter,
         budget: RetryBudget,
         forward: dict[str, str],
         size: int | None,
-    ) -> UpstreamResponse:
+    ) -> Response:
         """Copy the body into the writer; resume with Range after a drop. Return the last response."""
         validator = strong_validator(response.headers)
         pending: asyncio.Task[None] | None = None
@@ -520,13 +521,13 @@ class Cache:
 
     async def _resume(
         self,
-        response: UpstreamResponse,
+        response: Response,
         offset: int,
         validator: str | None,
         budget: RetryBudget,
         forward: dict[str, str],
         cause: BaseException,
-    ) -> UpstreamResponse:
+    ) -> Response:
         reason = describe(cause)
         while True:
             if validator is None or response.headers.get("Accept-Ranges", "").lower() == "none":
@@ -543,7 +544,7 @@ class Cache:
                 raise TransferAborted(f"transfer broke at byte {offset} and the origin did not resume it")
             return resumed
 
-    async def _commit(self, key: str, url: URL, response: UpstreamResponse, writer: LocalWriter) -> None:
+    async def _commit(self, key: str, url: URL, response: Response, writer: LocalWriter) -> None:
         now = time.time()
         sha256, md5 = await writer.digests()
         fresh = freshness(url.path, response.headers, now, self.rules)
@@ -551,11 +552,11 @@ class Cache:
         for name in response.headers.get("Vary", "").split(","):
             name = name.strip()
             if name and name.lower() != "accept-encoding":  # we always fetch the identity encoding
-                vary[name] = response.raw.request_info.headers.get(name, "")
+                vary[name] = response.request_headers.get(name, "")
         h = response.headers
         meta = ObjectMeta(
             key=key,
-            url=str(url),
+            url=str(url.with_user(None)),  # no FTP credentials in the store
             size=writer.written,
             sha256=sha256,
             md5=md5,

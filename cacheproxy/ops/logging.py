@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -13,6 +14,36 @@ from dataclasses import dataclass
 from ..config import LogConfig
 
 ACCESS = "cacheproxy.access"
+_PASSWORD_IN_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*):[^/\s@]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of any ``scheme://user:password@host`` in it masked."""
+    return _PASSWORD_IN_URL.sub(r"\1:***@", text) if "@" in text else text
+
+
+def _install_redaction() -> None:
+    """Every log record of cacheproxy is created with URL passwords masked (ftp://user:pass@),
+    whichever handler (ours, a test's) ends up writing it."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "redacts", False):
+        return
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        if record.name.startswith("cacheproxy") and record.args:
+            message = record.getMessage()
+            if "@" in message:
+                record.msg, record.args = redact(message), None
+        elif record.name.startswith("cacheproxy") and isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        return record
+
+    factory.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+_install_redaction()
 
 
 class _JsonFormatter(logging.Formatter):
@@ -161,6 +192,8 @@ _direct: _AccessFile | None = None  # a plain text access log file: lines skip t
 
 
 def log_access(record: AccessRecord) -> None:
+    if "@" in record.target:
+        record.target = redact(record.target)
     args = (
         record.client,
         record.method,

@@ -168,7 +168,7 @@ class FastPath:
         key: str | None = None
         try:
             found = classify(target.decode("latin-1"))
-            if found.url is not None and found.url.scheme in ("http", "https"):
+            if found.url is not None:
                 self.state.access.check_url(found.url)
                 key = self.state.cache.key_for(found.url)
         except (ProxyError, ValueError, UnicodeError):

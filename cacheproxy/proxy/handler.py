@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from yarl import URL
 
-from ..errors import Denied, MethodNotAllowed, ProxyError, UnsupportedScheme, error_response
+from ..errors import Denied, MethodNotAllowed, ProxyError, error_response
 from ..ops.logging import AccessRecord, log_access
 from ..state import STATE, AppState
 from .respond import SENT, ObjectGone
@@ -27,8 +27,6 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 
 async def proxy_request(request: web.Request, state: AppState, url: URL) -> web.StreamResponse:
     state.access.check_url(url)
-    if url.scheme == "ftp":
-        raise UnsupportedScheme("ftp:// origins are not supported by this version")
     if request.method in READ_METHODS:
         outcome = await state.cache.get(url, request.method, request.headers)
         try:

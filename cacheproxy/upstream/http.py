@@ -15,11 +15,12 @@ from yarl import URL
 
 from .. import __version__
 from ..config import UpstreamConfig
-from ..errors import Denied, ProxyError, UpstreamFailed, UpstreamTimeout
+from ..errors import Denied, MethodNotAllowed, ProxyError, UpstreamFailed, UpstreamTimeout
 from ..guard.access import AccessRules
 from ..guard.ssrf import GuardedResolver, PrivateUpstreamError, SsrfGuard
 from ..ops.metrics import Metrics
 from . import tunnel
+from .ftp import FtpResponse, FtpUpstream
 from .retry import RetryBudget
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,17 @@ class UpstreamResponse:
         value = self.raw.headers.get("Content-Length")
         return int(value) if value is not None and value.isdigit() else None
 
+    @property
+    def request_headers(self) -> Mapping[str, str]:
+        return self.raw.request_info.headers
+
     async def read_chunk(self) -> bytes:
         """The next bytes of the body (b"" at its clean end); raise on a broken transfer."""
         return await self.raw.content.readany()
+
+    async def read_body(self, limit: int) -> bytes:
+        """The body, or its first ``limit + 1`` bytes when it is longer."""
+        return await self.raw.content.read(limit + 1)
 
     def detach_socket(self) -> tuple[bytes, int] | None:
         """Take the rest of a plain-TCP body of known length out of aiohttp's hands.
@@ -106,6 +115,9 @@ class UpstreamResponse:
 
     def close(self) -> None:
         self.raw.close()
+
+
+Response = UpstreamResponse | FtpResponse
 
 
 def end_to_end(headers: Mapping[str, str]) -> CIMultiDict[str]:
@@ -143,6 +155,7 @@ class HttpUpstream:
         self._resolver: GuardedResolver | None = None
         self._proxy: URL | None = None
         self._proxy_auth: aiohttp.BasicAuth | None = None
+        self._ftp = FtpUpstream(config, guard)
         if config.parent_proxy:
             proxy = URL(config.parent_proxy)
             if proxy.user is not None:
@@ -183,12 +196,14 @@ class HttpUpstream:
     def new_budget(self) -> RetryBudget:
         return RetryBudget(self.config.retries, self.config.retry_backoff, self._metrics.upstream_retries.inc)
 
-    async def _request_once(
-        self, method: str, url: URL, headers: Mapping[str, str], data: object = None
-    ) -> UpstreamResponse:
-        assert self._session is not None
+    async def _request_once(self, method: str, url: URL, headers: Mapping[str, str], data: object = None) -> Response:
+        assert self._session is not None and self._resolver is not None
         for _ in range(MAX_REDIRECTS + 1):
             self._access.check_url(url)
+            if url.scheme == "ftp":  # directly: an HTTP parent proxy is not asked for ftp:// (see README)
+                if method not in ("GET", "HEAD"):
+                    raise MethodNotAllowed(f"{method} is not possible for ftp:// URLs", headers={"Allow": "GET, HEAD"})
+                return await self._ftp.open(method, url, headers, self._resolver)
             self._guard.check_literal(url.host or "")
             if self._proxy is not None and self._resolver is not None:
                 await self._guard.check_name(self._resolver, url.host or "", url.port or 0)
@@ -217,7 +232,7 @@ class HttpUpstream:
         budget: RetryBudget,
         method: str = "GET",
         data: object = None,
-    ) -> UpstreamResponse:
+    ) -> Response:
         """The first usable response, trying mirrors in order and retrying with backoff.
 
         A 5xx or 429 still returned after the budget is spent is given back (the origin's own
@@ -274,9 +289,7 @@ class HttpUpstream:
             self._metrics.upstream_requests.labels("tunnel", "error").inc()
             raise map_client_error(exc) from None
 
-    async def resume(
-        self, url: URL, offset: int, validator: str | None, headers: Mapping[str, str]
-    ) -> UpstreamResponse | None:
+    async def resume(self, url: URL, offset: int, validator: str | None, headers: Mapping[str, str]) -> Response | None:
         """The rest of a body from ``offset``, or None when the origin would send something else."""
         if validator is None:
             return None
