@@ -62,6 +62,7 @@ COMPLEX_HEADERS = frozenset(
     }
 )
 HEAD_END = b"\r\n\r\n"
+COPY_CHUNK = 1 << 20  # bodies through TLS are read and written in pieces of this size
 
 
 class Ready:
@@ -279,6 +280,7 @@ class HitProtocol(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._active = time.monotonic()  # when the last request came
         self._closing = False
+        self._writable: asyncio.Future[None] | None = None  # set while the transport's buffer is full
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -306,6 +308,9 @@ class HitProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._detach()
+        if self._writable is not None:
+            self._writable.cancel()
+            self._writable = None
         if self._busy is not None:
             self._busy.cancel()
 
@@ -395,7 +400,10 @@ class HitProtocol(asyncio.Protocol):
     ) -> None:
         file = os.fdopen(fd, "rb", buffering=0)
         try:
-            await asyncio.get_running_loop().sendfile(transport, file, 0, ready.meta.size)  # TLS: read and write
+            if self._origin is None:
+                await asyncio.get_running_loop().sendfile(transport, file, 0, ready.meta.size)
+            else:
+                await self._copy(transport, fd, ready.meta.size)
         except (OSError, RuntimeError):
             transport.abort()
             return
@@ -417,6 +425,31 @@ class HitProtocol(asyncio.Protocol):
         )
         self._fast.connects.add(task)
         task.add_done_callback(self._fast.connects.discard)
+
+    async def _copy(self, transport: asyncio.Transport, fd: int, size: int) -> None:
+        """The body through TLS (an intercepted CONNECT): read in the I/O pool, written with flow
+        control. asyncio's sendfile fallback stalled on these connections (nothing was sent)."""
+        loop = asyncio.get_running_loop()
+        position = 0
+        while position < size:
+            data = await loop.run_in_executor(None, os.pread, fd, min(COPY_CHUNK, size - position), position)
+            if not data:
+                raise OSError(f"the body file ended at {position} of {size} bytes")
+            if transport.is_closing():
+                raise ConnectionResetError("client went away")
+            transport.write(data)
+            position += len(data)
+            if self._writable is not None:
+                await self._writable
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None:
+            self._writable.set_result(None)
+            self._writable = None
 
     def _hand_off(self) -> None:
         """aiohttp takes the connection, with what was read and not yet answered."""

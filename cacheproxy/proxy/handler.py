@@ -48,14 +48,14 @@ async def proxy_request(request: web.Request, state: AppState, url: URL) -> web.
 async def entry(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = request.app[STATE]
     started = time.monotonic()
+    transport = request.transport
+    origin = state.intercepted.get(transport) if transport is not None and state.intercepted else None
     client = state.access.client_address(request)
     response: web.StreamResponse | None = None
     result: str | None = "error"
     error = ""
     try:
         state.access.check_client(client)
-        transport = request.transport
-        origin = state.intercepted.get(transport) if transport is not None and state.intercepted else None
         target = classify(request.raw_path, origin)
         if target.kind == "service":
             result = None
@@ -83,7 +83,7 @@ async def entry(request: web.Request, handler: Handler) -> web.StreamResponse:
             AccessRecord(
                 client=client,
                 method=request.method,
-                target=request.raw_path,
+                target=origin + request.raw_path if origin and request.raw_path.startswith("/") else request.raw_path,
                 status=response.status if response is not None else 499,
                 bytes=request.get(SENT, 0) or (response.content_length or 0 if response is not None else 0),
                 x_cache=response.headers.get("X-Cache", "") if response is not None else "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 import urllib.request
@@ -60,7 +61,10 @@ async def https_get_over(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 # -- tunnels ----------------------------------------------------------------------------------
 
 
-async def test_curl_and_wget_through_a_tunnel(tls_origin: Origin, make_proxy: MakeProxy, tmp_path: Path) -> None:
+async def test_curl_and_wget_through_a_tunnel(
+    tls_origin: Origin, make_proxy: MakeProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "cacheproxy.access")
     tls_origin.add("/pkg.tar.gz", body=BODY)
     proxy = await make_proxy(**tunnel_config(tls_origin))
     url = tls_origin.url("/pkg.tar.gz", host="localhost")
@@ -78,6 +82,9 @@ async def test_curl_and_wget_through_a_tunnel(tls_origin: Origin, make_proxy: Ma
     assert tls_origin.hits("/pkg.tar.gz") == 2
     assert len(proxy.state.cache.index) == 0
     assert proxy.state.metrics.requests.labels("tunnel")._value.get() == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "cacheproxy.access"]
+    assert len(lines) == 2 and all(f'"CONNECT localhost:{tls_origin.port}" 200 ' in line for line in lines)
+    assert all(int(line.split()[4]) > len(BODY) and " TUNNEL " in line for line in lines)  # bytes to the client
 
 
 async def test_urllib_http10_connect_without_host(tls_origin: Origin, make_proxy: MakeProxy, tmp_path: Path) -> None:
@@ -155,7 +162,10 @@ async def test_idle_tunnel_is_closed(tls_origin: Origin, make_proxy: MakeProxy) 
 # -- interception -----------------------------------------------------------------------------
 
 
-async def test_intercepted_https_is_cached(tls_origin: Origin, make_proxy: MakeProxy, tmp_path: Path) -> None:
+async def test_intercepted_https_is_cached(
+    tls_origin: Origin, make_proxy: MakeProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "cacheproxy.access")
     tls_origin.add("/pkg.tar.gz", body=BODY)
     proxy = await make_proxy(**intercept_config(tls_origin, tmp_path))
     url = tls_origin.url("/pkg.tar.gz", host="localhost")
@@ -173,11 +183,20 @@ async def test_intercepted_https_is_cached(tls_origin: Origin, make_proxy: MakeP
     assert out.read_bytes() == BODY
     assert "X-Cache: HIT" in got.stderr
     # The same key as the URL-in-path form of the https URL.
+    # Now ready on the fast path (no Server header): a body larger than what it keeps in memory
+    # goes through TLS from the file.
+    fast = await curl(proxy, url, "--cacert", proxy_ca(tmp_path), "-D", "-", "-m", "10")
+    assert fast.rc == 0, fast.stderr
+    head, _, body = fast.stdout.rpartition(b"\r\n\r\n")
+    assert b"X-Cache: HIT" in head and b"Server:" not in head
+    assert body == BODY
     in_path = await run("curl", "-sS", "-D", "-", f"{proxy.url}/{url}")
     assert b"X-Cache: HIT" in in_path.stdout and in_path.stdout.endswith(BODY)
     assert tls_origin.hits("/pkg.tar.gz") == 1
-    # The origin's certificate was checked against upstream.ca_bundle; ours was made for the host.
-    assert proxy.state.authority is not None
+    lines = [r.getMessage() for r in caplog.records if r.name == "cacheproxy.access"]
+    assert sum(f'"CONNECT localhost:{tls_origin.port}" 200 0 INTERCEPT' in line for line in lines) == 3
+    assert sum(f'"GET {url}" 200 {len(BODY)} MISS' in line for line in lines) == 1  # the URL, not just the path
+    assert sum(f'"GET {url}" 200 {len(BODY)} HIT' in line for line in lines) == 2  # aiohttp's path, then the fast one
 
 
 async def test_intercepted_keepalive_range_and_ip_host(
