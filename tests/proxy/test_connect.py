@@ -266,3 +266,41 @@ async def test_leaf_certificate_made_once_per_host(tls_origin: Origin, make_prox
         leaf.verify_directly_issued_by(ca)
         names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert [str(v) for v in names.get_values_for_type(kind)] == [host]
+
+
+async def test_tunnel_and_interception_through_a_parent_proxy(
+    tls_origin: Origin, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    """upstream.parent_proxy: tunnels are CONNECTed through it, intercepted fetches too."""
+    tls_origin.add("/pkg.tar.gz", body=BODY)
+    parent = await make_proxy(tmp_path / "parent-cache", **tunnel_config(tls_origin))
+    child = await make_proxy(tmp_path / "child-cache", **tunnel_config(tls_origin, upstream__parent_proxy=parent.url))
+    url = tls_origin.url("/pkg.tar.gz", host="localhost")
+    got = await curl(child, url, "--cacert", str(origin_ca_file(tmp_path)))
+    assert got.rc == 0, got.stderr
+    assert got.stdout == BODY
+    assert parent.state.metrics.requests.labels("tunnel")._value.get() == 1  # it went through the parent
+    intercepting = await make_proxy(
+        tmp_path / "intercepting-cache", **intercept_config(tls_origin, tmp_path, upstream__parent_proxy=parent.url)
+    )
+    got = await curl(intercepting, url, "--cacert", proxy_ca(tmp_path))
+    assert got.rc == 0, got.stderr
+    assert got.stdout == BODY
+    assert parent.state.metrics.requests.labels("tunnel")._value.get() == 2
+    strict_parent = await make_proxy(tmp_path / "strict-cache")  # its connect_ports: [443] only
+    refused = await make_proxy(tmp_path / "c3", **tunnel_config(tls_origin, upstream__parent_proxy=strict_parent.url))
+    answer, _, writer = await raw_connect(refused, f"CONNECT localhost:{tls_origin.port} HTTP/1.1\r\n\r\n".encode())
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    assert b"X-Cacheproxy-Error: upstream_failed" in answer
+
+
+async def test_open_tunnel_is_closed_at_shutdown(tls_origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(**tunnel_config(tls_origin))
+    answer, reader, writer = await raw_connect(proxy, f"CONNECT localhost:{tls_origin.port} HTTP/1.1\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    started = asyncio.get_running_loop().time()
+    await proxy.runner.cleanup()  # grace 1 s for running transfers, then everything closes
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert asyncio.get_running_loop().time() - started < 4
+    writer.close()
