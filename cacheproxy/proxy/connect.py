@@ -50,7 +50,8 @@ def parse_connect(head: bytes) -> tuple[str, int, dict[str, str]]:
     host, sep, port_text = target.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536 or "/" in host:
+    valid_host = host.isascii() and host.isprintable() and "/" not in host and "@" not in host
+    if not sep or not host or not valid_host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise BadRequest(f"CONNECT needs host:port, got {target[:200]!r}")
     headers = {}
     for line in lines[1:]:
@@ -108,6 +109,9 @@ async def serve_connect(
             transport.close()
         elapsed = time.monotonic() - started
         log_access(AccessRecord(client, "CONNECT", target, exc.status, 0, "", elapsed, exc.code))
+    except Exception:  # a bug: log it, and do not leave the client waiting
+        log.exception("CONNECT %s from %s failed", target, client)
+        transport.abort()
 
 
 def _bypassed(host: str, patterns: tuple[str, ...]) -> bool:

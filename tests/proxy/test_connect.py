@@ -120,6 +120,7 @@ async def test_connect_without_any_header(tls_origin: Origin, make_proxy: MakePr
         ({"rules__allow_clients": ["10.0.0.0/8"]}, "localhost:{port}", 403, "client_denied"),
         ({"rules__allow_private_upstreams": False}, "localhost:{port}", 403, "private_upstream"),
         ({}, "localhost", 400, "bad_request"),
+        ({}, "user@localhost:{port}", 400, "bad_request"),
     ],
 )
 async def test_refused_connect(
