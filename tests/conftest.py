@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
+from obs import ObsClient
 from aiohttp import web
 from yarl import URL
 
@@ -22,6 +25,7 @@ from cacheproxy.proxy.fastpath import ProxySite
 from cacheproxy.state import STATE, AppState
 
 from .origin import Origin
+from .seaweed import ACCESS_KEY, SECRET_KEY, Seaweed, start_seaweed
 
 for tool in ("wget", "curl"):
     if shutil.which(tool) is None:
@@ -94,6 +98,39 @@ async def tls_origin(origin_ca: trustme.CA, tmp_path: Path) -> AsyncIterator[Ori
 def origin_ca_file(tmp_path: Path) -> Path:
     """The PEM of the CA that signed ``tls_origin``'s certificate (as the fixture wrote it)."""
     return tmp_path / "origin-ca.pem"
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    yield server
+    server.stop()
+
+
+def obs_client(seaweed: Seaweed, secret: str = SECRET_KEY) -> ObsClient:
+    return ObsClient(
+        access_key_id=ACCESS_KEY,
+        secret_access_key=secret,
+        server=seaweed.endpoint,
+        signature="v4",
+        path_style=True,
+        is_secure=False,
+        is_signature_negotiation=False,
+        region="us-east-1",
+    )
+
+
+@pytest.fixture
+def bucket(seaweed: Seaweed) -> str:
+    """A new empty bucket on the session's SeaweedFS (the server may still be settling at first)."""
+    name = f"cp-{uuid.uuid4().hex[:12]}"
+    client = obs_client(seaweed)
+    for _ in range(100):
+        response = client.createBucket(name)
+        if response.status < 300:
+            return name
+        time.sleep(0.2)
+    raise RuntimeError(f"cannot create bucket {name}: {response.status} {response.errorCode}")
 
 
 def config_values(cache_dir: Path, **overrides: Any) -> dict[str, Any]:

@@ -31,7 +31,8 @@ class ObjectMeta:
     last_modified: str | None = None
     vary: dict[str, str] = field(default_factory=dict)  # request header -> value it varied on
     last_access: float = 0.0
-    file: str = ""  # backend-specific location of the body
+    file: str = ""  # the body file in the local store ("" when only the shared store has it)
+    remote: str = ""  # the object's key in OBS once uploaded
 
     def to_json(self) -> str:
         data = dict(self.__dict__)  # flat fields and one flat dict: no deep copy needed
@@ -100,6 +101,10 @@ class Storage(ABC):
 
     @abstractmethod
     async def stat(self, key: str) -> ObjectMeta | None: ...
+
+    @abstractmethod
+    def read(self, meta: ObjectMeta, start: int = 0, stop: int | None = None) -> AsyncIterator[bytes]:
+        """The body bytes [start, stop) in pieces."""
 
     @abstractmethod
     async def begin_write(self, key: str) -> Writer: ...

@@ -56,6 +56,9 @@ def _read_small(path: str) -> bytes:
         os.close(fd)
 
 
+READ_PIECE = 1 << 20
+
+
 class LocalWriter(Writer):
     """A body written to ``tmp/``; sha256 and md5 follow behind the writes.
 
@@ -335,6 +338,19 @@ class LocalStore(Storage):
 
     async def stat(self, key: str) -> ObjectMeta | None:
         return await self.run(self.read_meta_sync, key)
+
+    async def read(self, meta: ObjectMeta, start: int = 0, stop: int | None = None) -> AsyncIterator[bytes]:
+        stop = meta.size if stop is None else stop
+        fd = await self.run(os.open, self.body_path(meta), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while start < stop:
+                data = await self.run(os.pread, fd, min(READ_PIECE, stop - start), start)
+                if not data:
+                    raise OSError(f"{self.body_path(meta)} ends at {start} of {stop} bytes")
+                start += len(data)
+                yield data
+        finally:
+            os.close(fd)
 
     def _begin_sync(self, key: str) -> LocalWriter:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,309 @@
+"""Huawei OBS (or any S3-compatible store) through esdk-obs-python: the shared tier.
+
+Every SDK call blocks, so each runs in a bounded thread pool of its own (``OBS_THREADS``); bodies
+go up from files and come down as streams, never as whole ``bytes``. An object's key is
+``<prefix><sha256 of the cache key>/<file name>`` (the name from the URL, so one HEAD finds a key's
+object), and its metadata (url, sha256, md5, validators, freshness) travels with it as
+``x-amz-meta-cacheproxy-*``. Objects are private: hits are served by the proxy or through a
+signed URL that expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from obs import CopyObjectHeader, GetObjectHeader, ObsClient, PutObjectHeader
+
+from ..config import ObsConfig
+from ..units import format_size
+from .base import ObjectMeta, Storage, Writer
+
+log = logging.getLogger(__name__)
+
+OBS_THREADS = 8
+READ_SIZE = 1 << 20
+MULTIPART_ABOVE = 64 << 20  # larger bodies go up in parts ...
+PART_SIZE = 16 << 20  # ... of this size,
+PART_TASKS = 4  # this many at once
+LIST_PAGE = 1000
+META = "cacheproxy-meta"  # one metadata entry: the ObjectMeta as JSON
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+class ObsUnavailable(Exception):
+    """OBS could not be reached, refused the credentials, or answered an error."""
+
+
+@dataclass(frozen=True)
+class RemoteEntry:
+    object_key: str
+    size: int
+    modified: float  # when the object was written (the listing's LastModified)
+
+
+def digest_of(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def file_name(url: str) -> str:
+    """A safe last segment for the object key, from the (normalized) URL's path."""
+    name = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+    name = _UNSAFE.sub("_", name).strip("._")[:128]
+    return name or "object"
+
+
+def _parse_time(text: str) -> float:
+    try:
+        return time.mktime(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    except ValueError:
+        try:
+            return parsedate_to_datetime(text).timestamp()
+        except (TypeError, ValueError):
+            return 0.0
+
+
+class ObsStore(Storage):
+    def __init__(self, config: ObsConfig, spool: Path) -> None:
+        self.config = config
+        self.bucket = config.bucket
+        self.prefix = config.prefix
+        self._spool = spool  # where bodies written straight to OBS wait for their upload
+        secure = (config.endpoint or "").startswith("https://")
+        self._client = ObsClient(
+            access_key_id=config.access_key_id or "",
+            secret_access_key=config.secret_access_key or "",
+            server=config.endpoint,
+            signature=config.signature,
+            path_style=config.path_style,
+            is_secure=secure,
+            ssl_verify=secure,
+            is_signature_negotiation=False,
+            region="us-east-1" if config.signature == "v4" else "region",
+            max_retry_count=1,
+            timeout=30,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=OBS_THREADS, thread_name_prefix="cacheproxy-obs")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+    # -- calls --------------------------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[..., Any], *args: Any, ok_missing: bool = False, **kw: Any) -> Any:
+        """Run one SDK call in the pool; ObsUnavailable on a failure (None for a 404 if allowed)."""
+        loop = asyncio.get_running_loop()
+        try:
+            resp = await loop.run_in_executor(self._pool, lambda: fn(*args, **kw))
+        except Exception as exc:  # the SDK raises what its HTTP client raises
+            raise ObsUnavailable(f"OBS {what}: {type(exc).__name__}: {exc}") from None
+        status = getattr(resp, "status", 0)
+        if ok_missing and status == 404:
+            return None
+        if status >= 300 or status == 0:
+            code = getattr(resp, "errorCode", None) or ""
+            reason = getattr(resp, "errorMessage", None) or getattr(resp, "reason", None) or ""
+            if status == 403 and not code:
+                code = "AccessDenied (wrong credentials?)"
+            raise ObsUnavailable(f"OBS {what}: {status} {code} {reason}".strip())
+        return resp
+
+    def object_key(self, key: str) -> str:
+        """Where a cache key's object lives: found with one HEAD, no listing needed."""
+        return f"{self.prefix}{digest_of(key)}/{file_name(key)}"
+
+    # -- the storage interface ----------------------------------------------------------------
+
+    async def check_writable(self) -> str | None:
+        try:
+            await self._call(f"bucket {self.bucket}", self._client.headBucket, self.bucket)
+        except ObsUnavailable as exc:
+            return str(exc)
+        return None
+
+    async def entries(self) -> AsyncIterator[RemoteEntry]:
+        """Every object under the prefix, a listing page at a time."""
+        marker = None
+        while True:
+            resp = await self._call(
+                "list",
+                self._client.listObjects,
+                self.bucket,
+                prefix=self.prefix or None,
+                marker=marker,
+                max_keys=LIST_PAGE,
+            )
+            contents = resp.body.contents or []
+            for item in contents:
+                yield RemoteEntry(item.key, int(item.size), _parse_time(str(item.lastModified)))
+            if not resp.body.is_truncated or not contents:
+                return
+            marker = resp.body.next_marker or contents[-1].key
+
+    async def scan(self) -> AsyncIterator[ObjectMeta]:
+        async for entry in self.entries():
+            meta = await self.head(entry.object_key)
+            if meta is not None:
+                yield meta
+
+    async def head(self, object_key: str) -> ObjectMeta | None:
+        resp = await self._call("head", self._client.getObjectMetadata, self.bucket, object_key, ok_missing=True)
+        if resp is None:
+            return None
+        headers = {k.lower(): v for k, v in resp.header}
+        try:
+            meta = ObjectMeta.from_json(headers[META])
+        except (KeyError, ValueError, TypeError):
+            log.warning("OBS object %s has no cacheproxy metadata: ignored", object_key)
+            return None
+        meta.file, meta.remote = "", object_key
+        return meta
+
+    async def stat(self, key: str) -> ObjectMeta | None:
+        return await self.head(self.object_key(key))
+
+    async def read(self, meta: ObjectMeta, start: int = 0, stop: int | None = None) -> AsyncIterator[bytes]:
+        stop = meta.size if stop is None else stop
+        if stop <= start:
+            return
+        header = GetObjectHeader()
+        header.range = f"{start}-{stop - 1}"
+        resp = await self._call(
+            "get", self._client.getObject, self.bucket, meta.remote, headers=header, loadStreamInMemory=False
+        )
+        stream = resp.body.response
+        loop = asyncio.get_running_loop()
+        try:
+            left = stop - start
+            while left > 0:
+                data = await loop.run_in_executor(self._pool, stream.read, min(READ_SIZE, left))
+                if not data:
+                    raise ObsUnavailable(f"OBS get {meta.remote}: body ended {left} bytes early")
+                left -= len(data)
+                yield data
+        finally:
+            await loop.run_in_executor(self._pool, stream.close)
+
+    def signed_url(self, meta: ObjectMeta, ttl: float) -> str:
+        """A URL that fetches the object without credentials for ``ttl`` seconds (no network)."""
+        signed = self._client.createSignedUrl("GET", self.bucket, meta.remote, expires=int(ttl))
+        return str(signed.signedUrl)
+
+    async def upload(self, path: Path, meta: ObjectMeta) -> ObjectMeta:
+        """Put the body file with its metadata; multipart when large. Return the meta as stored."""
+        stored = ObjectMeta.from_dict(dict(meta.__dict__))
+        stored.file, stored.remote = "", self.object_key(meta.key)
+        metadata = {META: stored.to_json()}
+        if meta.size > MULTIPART_ABOVE:
+            await self._call(
+                "multipart upload",
+                self._client.uploadFile,
+                self.bucket,
+                stored.remote,
+                str(path),
+                partSize=PART_SIZE,
+                taskNum=PART_TASKS,
+                metadata=metadata,
+                headers=self._put_header(meta),
+            )
+        else:
+            await self._call(
+                "put",
+                self._client.putFile,
+                self.bucket,
+                stored.remote,
+                str(path),
+                metadata=metadata,
+                headers=self._put_header(meta),
+            )
+        log.info("uploaded %s to OBS as %s (%s)", meta.url, stored.remote, format_size(meta.size))
+        return stored
+
+    def _put_header(self, meta: ObjectMeta) -> PutObjectHeader:
+        header = PutObjectHeader()
+        header.contentType = meta.content_type or "application/octet-stream"
+        return header
+
+    async def begin_write(self, key: str) -> ObsWriter:
+        self._spool.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="obs-", suffix=".part", dir=self._spool)
+        return ObsWriter(self, key, Path(path), fd)
+
+    async def update_meta(self, meta: ObjectMeta) -> None:
+        """New metadata on a stored object (after revalidation): copied onto itself."""
+        stored = ObjectMeta.from_dict(dict(meta.__dict__))
+        stored.file = ""
+        header = CopyObjectHeader()
+        header.directive = "REPLACE"
+        header.contentType = meta.content_type or "application/octet-stream"
+        await self._call(
+            "update metadata",
+            self._client.copyObject,
+            self.bucket,
+            meta.remote,
+            self.bucket,
+            meta.remote,
+            metadata={META: stored.to_json()},
+            headers=header,
+        )
+
+    async def delete(self, meta: ObjectMeta) -> None:
+        await self.delete_key(meta.remote)
+
+    async def delete_key(self, object_key: str) -> None:
+        await self._call("delete", self._client.deleteObject, self.bucket, object_key, ok_missing=True)
+
+
+class ObsWriter(Writer):
+    """A body written straight to OBS: spooled to a local file, uploaded at commit."""
+
+    def __init__(self, store: ObsStore, key: str, path: Path, fd: int) -> None:
+        self._store = store
+        self.key = key
+        self.path = path
+        self._file = os.fdopen(fd, "wb")
+        self._written = 0
+        self._sha256 = hashlib.sha256()
+        self._md5 = hashlib.md5(usedforsecurity=False)
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    def _write_sync(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self._file.write(chunk)
+            self._sha256.update(chunk)
+            self._md5.update(chunk)
+            self._written += len(chunk)
+
+    async def write(self, data: bytes | list[bytes]) -> None:
+        chunks = [data] if isinstance(data, bytes) else data
+        await asyncio.get_running_loop().run_in_executor(None, self._write_sync, chunks)
+
+    async def digests(self) -> tuple[str, str]:
+        return self._sha256.hexdigest(), self._md5.hexdigest()
+
+    async def commit(self, meta: ObjectMeta) -> ObjectMeta:
+        try:
+            self._file.close()
+            return await self._store.upload(self.path, meta)
+        finally:
+            self.path.unlink(missing_ok=True)
+
+    async def abort(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
