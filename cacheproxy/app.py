@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from .cache.manager import Cache
+from .cache.shared import SharedTier
 from .config import Config
 from .guard.access import AccessRules
 from .guard.ssrf import SsrfGuard
@@ -23,6 +24,7 @@ from .proxy.handler import entry
 from .proxy.respond import Responder
 from .state import STATE, AppState
 from .storage.local import LocalStore
+from .storage.obs import ObsStore
 from .upstream.http import HttpUpstream
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,16 @@ def create_app(config: Config, grace: float = DEFAULT_GRACE) -> web.Application:
     guard = SsrfGuard(config.rules.allow_private_upstreams)
     store = LocalStore(config.cache.dir, executor)
     upstream = HttpUpstream(config.upstream, access, guard, metrics)
-    cache = Cache(config, store, upstream, metrics)
+    shared = None
+    if config.storage.backend == "obs":
+        remote = ObsStore(config.storage.obs, config.cache.dir / "tmp")
+        shared = SharedTier(config.storage.obs, remote, store, metrics)
+    cache = Cache(config, store, upstream, metrics, shared)
     authority = None
     if config.tls_intercept.enabled:
         authority = Authority(config.tls_intercept.ca_cert, config.tls_intercept.ca_key)
     app[STATE] = AppState(
-        config, metrics, access, store, upstream, cache, Responder(store, metrics), executor, authority
+        config, metrics, access, store, upstream, cache, Responder(store, metrics, shared), executor, authority, shared
     )
     health.add_routes(app)
 

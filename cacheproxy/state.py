@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from .cache.manager import Cache
+from .cache.shared import SharedTier
 from .config import Config
 from .guard.access import AccessRules
 from .ops.metrics import Metrics
@@ -30,6 +31,7 @@ class AppState:
     responder: Responder
     executor: ThreadPoolExecutor
     authority: Authority | None = None  # TLS interception on
+    shared: SharedTier | None = None  # storage.backend: obs
     # Decrypted connections of intercepted CONNECTs -> the https origin their requests are for.
     intercepted: weakref.WeakKeyDictionary[asyncio.BaseTransport, str] = field(
         default_factory=weakref.WeakKeyDictionary

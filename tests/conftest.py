@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
-from obs import ObsClient
 from aiohttp import web
+from obs import ObsClient
 from yarl import URL
 
 from cacheproxy.app import create_app, runner_for

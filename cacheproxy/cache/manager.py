@@ -33,6 +33,7 @@ from .flight import FillLock, HeadFile, Watch
 from .freshness import client_wants_revalidation, freshness, is_fresh, unstorable_reason
 from .index import Index
 from .keys import MirrorMap
+from .shared import SharedTier
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,17 @@ class Failure:
 
 
 class Cache:
-    def __init__(self, config: Config, store: LocalStore, upstream: HttpUpstream, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: LocalStore,
+        upstream: HttpUpstream,
+        metrics: Metrics,
+        shared: SharedTier | None = None,
+    ) -> None:
         self.config = config
         self.store = store
+        self.shared = shared  # OBS behind the local store (storage.backend: obs)
         self.upstream = upstream
         self.metrics = metrics
         self.index = Index()
@@ -97,6 +106,11 @@ class Cache:
         )
         if self.store.scan_reads > SNAPSHOT_AFTER:  # in the background: serving starts now
             self._snapshot = asyncio.create_task(self.save_snapshot())
+        if self.shared is not None:
+            for meta in self.index:
+                if not meta.remote:  # committed before an upload could finish: upload it now
+                    self.shared.upload_later(meta)
+            self.shared.start()
 
     async def save_snapshot(self) -> None:
         await self.store.run(self.store.write_snapshot_sync, list(self.index))
@@ -114,6 +128,8 @@ class Cache:
         if self._snapshot is not None:
             await asyncio.gather(self._snapshot, return_exceptions=True)
         await self.save_snapshot()
+        if self.shared is not None:
+            await self.shared.close()
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -144,6 +160,8 @@ class Cache:
         meta = self.index.get(key)
         if meta is None and key not in self.fills:
             meta = await self.from_store(key)
+            if meta is None and self.shared is not None:
+                meta = await self.shared.lookup(key)  # another instance may have stored it
         if meta is not None and not self._vary_matches(meta, headers):
             return await self.bypass(url, method, headers, x_cache="BYPASS")
         revalidate = client_wants_revalidation(headers)
@@ -325,9 +343,12 @@ class Cache:
         stale.must_revalidate = fresh.must_revalidate
         stale.etag = merged.get("ETag") or None
         stale.last_modified = merged.get("Last-Modified") or None
-        self.touch(stale)
-        self.index.put(stale)
-        await self.store.update_meta(stale)
+        if not stale.file and self.shared is not None:  # only the shared store has the body
+            await self.shared.update_meta(stale)
+        else:
+            self.touch(stale)
+            self.index.put(stale)
+            await self.store.update_meta(stale)
         fill.set_outcome(Hit(stale, "REVALIDATED"))
         fill.finish()
 
@@ -575,6 +596,8 @@ class Cache:
         meta = await writer.commit(meta)
         self.index.put(meta)
         log.info("stored %s (%d bytes, sha256 %s)", url, meta.size, sha256)
+        if self.shared is not None:
+            self.shared.upload_later(meta)
         await self.evict_if_needed()
 
     # -- housekeeping -------------------------------------------------------------------------
@@ -598,6 +621,8 @@ class Cache:
                     break
                 if meta.key in self.fills:
                     continue
+                if self.shared is not None and not meta.remote:
+                    continue  # not in OBS yet: the local copy is the only one
                 await self.purge(meta)
                 evicted += 1
             self.metrics.evictions.inc(evicted)
@@ -641,3 +666,5 @@ class Cache:
         removed = await self.store.run(self.store.remove_stale_temp)
         if removed:
             log.info("removed %d leftover temp file(s)", removed)
+        if self.shared is not None:
+            await self.shared.cleanup()

@@ -18,6 +18,16 @@ async def readyz(request: web.Request) -> web.Response:
     checks["store_writable"] = {"ok": problem is None, **({"error": problem} if problem else {})}
     loaded = state.cache.index.loaded
     checks["index_loaded"] = {"ok": loaded, "objects": len(state.cache.index)}
+    if state.shared is not None:
+        shared = state.shared
+        problem = shared.problem
+        checks["obs"] = {
+            "ok": problem is None,
+            "bucket": shared.remote.bucket,
+            "objects": len(shared.entries),
+            "pending_uploads": len(shared.pending),
+            **({"error": problem} if problem else {}),
+        }
     ready = all(c["ok"] for c in checks.values())
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 

@@ -9,6 +9,7 @@ completed resets the client connection: wget and curl must see an error, never a
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import struct
@@ -20,12 +21,15 @@ from multidict import CIMultiDict
 
 from ..cache.fill import Buffered, Hit, Outcome, Passthrough, Streaming
 from ..cache.freshness import http_date
-from ..errors import VIA, TransferAborted
+from ..cache.shared import SharedTier
+from ..errors import VIA, TransferAborted, UpstreamFailed
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta
 from ..storage.local import LocalStore
+from ..storage.obs import ObsUnavailable
 from ..upstream.http import BODY_ERRORS, end_to_end
 
+log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 20
 SENT = web.RequestKey("sent", int)  # body bytes sent, for the access log
 
@@ -146,9 +150,10 @@ async def _copy_fd(response: web.StreamResponse, fd: int, start: int, stop: int)
 
 
 class Responder:
-    def __init__(self, store: LocalStore, metrics: Metrics) -> None:
+    def __init__(self, store: LocalStore, metrics: Metrics, shared: SharedTier | None = None) -> None:
         self._store = store
         self._metrics = metrics
+        self._shared = shared
 
     async def send(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
         if isinstance(outcome, Hit):
@@ -167,11 +172,19 @@ class Responder:
         if span == "unsatisfiable":
             headers["Content-Range"] = f"bytes */{meta.size}"
             return web.Response(status=416, headers=headers)
+        if not meta.file and self._shared is not None and self._shared.config.serve_hits == "redirect":
+            # Only OBS has the body: the client fetches it there with a URL that expires.
+            headers["Location"] = self._shared.signed_url(meta)
+            for name in ("Accept-Ranges", "Content-Length"):
+                headers.popall(name, None)
+            return web.Response(status=302, headers=headers)
         start, stop = span if isinstance(span, tuple) else (0, meta.size)
         response = web.StreamResponse(status=206 if isinstance(span, tuple) else 200, headers=headers)
         if isinstance(span, tuple):
             response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{meta.size}"
         response.content_length = stop - start
+        if not meta.file:
+            return await self._stream_remote(request, response, meta, start, stop)
         loop = asyncio.get_running_loop()
         try:
             fileobj = await loop.run_in_executor(None, open, self._store.body_path(meta), "rb")
@@ -185,6 +198,35 @@ class Responder:
             await response.write_eof()
         finally:
             fileobj.close()
+        return response
+
+    async def _stream_remote(
+        self, request: web.Request, response: web.StreamResponse, meta: ObjectMeta, start: int, stop: int
+    ) -> web.StreamResponse:
+        """serve_hits: stream: the bytes from OBS through the proxy."""
+        assert self._shared is not None
+        pieces = self._shared.remote.read(meta, start, stop)
+        try:
+            first = await anext(pieces) if request.method != "HEAD" and stop > start else b""
+        except ObsUnavailable as exc:
+            raise UpstreamFailed(f"the shared store failed: {exc}") from None
+        await response.prepare(request)
+        if request.method == "HEAD" or stop <= start:
+            await response.write_eof()
+            return response
+        try:
+            await response.write(first)
+            _count(request, self._metrics, "cache", len(first))
+            async for piece in pieces:
+                await response.write(piece)
+                _count(request, self._metrics, "cache", len(piece))
+        except ObsUnavailable as exc:
+            log.warning("streaming %s from OBS broke: %s", meta.url, exc)
+            abort_connection(request)
+            return response
+        finally:
+            await pieces.aclose()
+        await response.write_eof()
         return response
 
     async def send_streaming(self, request: web.Request, streaming: Streaming) -> web.StreamResponse:

@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -175,7 +175,7 @@ class ObsStore(Storage):
     async def stat(self, key: str) -> ObjectMeta | None:
         return await self.head(self.object_key(key))
 
-    async def read(self, meta: ObjectMeta, start: int = 0, stop: int | None = None) -> AsyncIterator[bytes]:
+    async def read(self, meta: ObjectMeta, start: int = 0, stop: int | None = None) -> AsyncGenerator[bytes, None]:
         stop = meta.size if stop is None else stop
         if stop <= start:
             return

@@ -70,7 +70,12 @@ async def test_write_commit_stat_read(store: Storage) -> None:
     stored = await put(store, url, body)
     found = await store.stat(url)
     assert found is not None
-    assert (found.url, found.size, found.sha256, found.content_type) == (url, len(body), stored.sha256, "application/gzip")
+    assert (found.url, found.size, found.sha256, found.content_type) == (
+        url,
+        len(body),
+        stored.sha256,
+        "application/gzip",
+    )
     assert await read_all(store, found) == body
     assert await read_all(store, found, 1000, 2000) == body[1000:2000]  # a range
     assert await store.check_writable() is None
@@ -131,3 +136,24 @@ async def test_wrong_credentials_and_stopped_server(seaweed: Seaweed, bucket: st
         assert problem is not None and "ConnectionRefused" in problem
     finally:
         dead.close()
+
+
+async def test_large_bodies_go_up_in_parts(
+    seaweed: Seaweed, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cacheproxy.storage import obs
+
+    monkeypatch.setattr(obs, "MULTIPART_ABOVE", 6 << 20)
+    monkeypatch.setattr(obs, "PART_SIZE", 5 << 20)  # the smallest part S3 takes
+    store = obs_store(seaweed, bucket, tmp_path)
+    try:
+        body = os.urandom(13 << 20)
+        stored = await put(store, "https://example.org/big.tar.xz", body)
+        response = obs_client(seaweed).getObjectMetadata(bucket, stored.remote)
+        etag = dict(response.header)["etag"]
+        assert etag.strip('"').endswith("-3")  # a multipart upload of three parts
+        found = await store.stat(stored.key)
+        assert found is not None and found.sha256 == hashlib.sha256(body).hexdigest()
+        assert await read_all(store, found, (13 << 20) - 10) == body[-10:]
+    finally:
+        store.close()

@@ -1,0 +1,194 @@
+"""The shared tier: objects in OBS that several instances see, behind the local store.
+
+The local store stays the first tier: misses are written there (streamed to clients as before),
+committed, and then uploaded in the background with retries. A local body is never evicted before
+its upload succeeded (``meta.remote`` set). On a local miss the cache asks OBS with one HEAD before
+going to the origin, so an object another instance stored is a hit here. The listing of the bucket
+(paged, at start and every ``index_refresh``) keeps a view of what the bucket holds for the
+clean-up policy and the status. OBS being unreachable or refusing the credentials never stops
+serving: readiness says so, lookups fall through to the origin, uploads wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+
+from ..config import ObsConfig
+from ..ops.metrics import Metrics
+from ..storage.base import ObjectMeta
+from ..storage.local import LocalStore
+from ..storage.obs import ObsStore, ObsUnavailable, RemoteEntry
+
+log = logging.getLogger(__name__)
+
+KNOWN = 10_000  # remote objects whose metadata is kept after a HEAD
+UPLOAD_TRIES = 3  # in a row after a commit; then the periodic retry takes over
+RETRY_SOON = 5.0  # seconds between looks at OBS while it fails (instead of index_refresh)
+
+
+class SharedTier:
+    def __init__(self, config: ObsConfig, remote: ObsStore, local: LocalStore, metrics: Metrics) -> None:
+        self.config = config
+        self.remote = remote
+        self.local = local
+        self.metrics = metrics
+        self.problem: str | None = "not checked yet"
+        self.entries: dict[str, RemoteEntry] = {}  # object key -> entry, from the last listing
+        self.listed_at = 0.0
+        self._known: collections.OrderedDict[str, ObjectMeta] = collections.OrderedDict()
+        self.pending: dict[str, ObjectMeta] = {}  # cache key -> committed local object not uploaded yet
+        self._uploads: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # -- running ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._refresh_loop(), name="obs refresh")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._loop_task, *self._uploads.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.remote.close()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await self.refresh()
+            self.retry_pending()
+            delay = self.config.index_refresh if self.problem is None else min(RETRY_SOON, self.config.index_refresh)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def refresh(self) -> None:
+        """Check the bucket and list it (all pages); on failure keep the last view and say why."""
+        problem = await self.remote.check_writable()
+        if problem is not None:
+            self._failed(problem)
+            return
+        try:
+            entries = {entry.object_key: entry async for entry in self.remote.entries()}
+        except ObsUnavailable as exc:
+            self._failed(str(exc))
+            return
+        self.entries, self.listed_at = entries, time.time()
+        if self.problem is not None:
+            log.info("OBS bucket %s reachable: %d objects", self.remote.bucket, len(entries))
+        self.problem = None
+
+    def _failed(self, problem: str) -> None:
+        if problem != self.problem:
+            log.warning("%s (serving goes on from the local store and the origin)", problem)
+        self.problem = problem
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    async def lookup(self, key: str) -> ObjectMeta | None:
+        """The shared store's object for ``key`` (one HEAD unless seen before), or None."""
+        meta = self._known.get(key)
+        if meta is not None:
+            self._known.move_to_end(key)
+            return meta
+        try:
+            meta = await self.remote.stat(key)
+        except ObsUnavailable as exc:
+            self._failed(str(exc))
+            return None
+        if meta is not None:
+            self.remember(meta)
+        return meta
+
+    def remember(self, meta: ObjectMeta) -> None:
+        self._known[meta.key] = meta
+        self._known.move_to_end(meta.key)
+        while len(self._known) > KNOWN:
+            self._known.popitem(last=False)
+
+    async def update_meta(self, meta: ObjectMeta) -> None:
+        """A remote-only object was revalidated: its new freshness goes with it."""
+        try:
+            await self.remote.update_meta(meta)
+        except ObsUnavailable as exc:
+            self._failed(str(exc))
+
+    def signed_url(self, meta: ObjectMeta) -> str:
+        return self.remote.signed_url(meta, self.config.signed_url_ttl)
+
+    # -- uploads ------------------------------------------------------------------------------
+
+    def upload_later(self, meta: ObjectMeta) -> None:
+        """Upload a committed local object in the background (once at a time per key)."""
+        self.pending[meta.key] = meta
+        if meta.key not in self._uploads:
+            self._uploads[meta.key] = asyncio.create_task(self._upload(meta), name=f"upload {meta.key}")
+
+    def retry_pending(self) -> None:
+        for meta in list(self.pending.values()):
+            self.upload_later(meta)
+
+    async def _upload(self, meta: ObjectMeta) -> None:
+        try:
+            for attempt in range(UPLOAD_TRIES):
+                if self.pending.get(meta.key) is not meta:
+                    return  # replaced or removed meanwhile
+                try:
+                    stored = await self.remote.upload(self.local.body_path(meta), meta)
+                except FileNotFoundError:
+                    self.pending.pop(meta.key, None)
+                    return
+                except ObsUnavailable as exc:
+                    self._failed(str(exc))
+                    await asyncio.sleep(min(30.0, 2.0**attempt))
+                    continue
+                meta.remote = stored.remote
+                await self.local.update_meta(meta)  # the local copy may now be evicted
+                self.pending.pop(meta.key, None)
+                self.entries[stored.remote] = RemoteEntry(stored.remote, meta.size, time.time())
+                self.remember(stored)
+                return
+            log.info("upload of %s postponed: OBS %s", meta.url, self.problem)
+        finally:
+            self._uploads.pop(meta.key, None)
+
+    # -- the bucket's budget ------------------------------------------------------------------
+
+    async def cleanup(self) -> int:
+        """Oldest-first removal above ``max_size`` and of objects older than ``max_age``."""
+        if self.config.max_size is None and self.config.max_age is None:
+            return 0
+        await self.refresh()
+        if self.problem is not None:
+            return 0
+        ordered = sorted(self.entries.values(), key=lambda e: e.modified)
+        doomed: list[RemoteEntry] = []
+        if self.config.max_age is not None:
+            cutoff = time.time() - self.config.max_age
+            doomed = [e for e in ordered if e.modified < cutoff]
+        if self.config.max_size is not None:
+            total = sum(e.size for e in ordered) - sum(e.size for e in doomed)
+            for entry in ordered:
+                if total <= self.config.max_size:
+                    break
+                if entry not in doomed:
+                    doomed.append(entry)
+                    total -= entry.size
+        for entry in doomed:
+            try:
+                await self.remote.delete_key(entry.object_key)
+            except ObsUnavailable as exc:
+                self._failed(str(exc))
+                break
+            self.entries.pop(entry.object_key, None)
+            for key, meta in list(self._known.items()):
+                if meta.remote == entry.object_key:
+                    del self._known[key]
+        if doomed:
+            log.info("OBS clean-up removed %d objects from bucket %s", len(doomed), self.remote.bucket)
+        return len(doomed)

@@ -1,0 +1,195 @@
+"""storage.backend: obs, against SeaweedFS: uploads, both hit modes, sharing, faults, clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from ..conftest import MakeProxy, Proxy, curl, obs_client, run
+from ..origin import Origin
+from ..seaweed import SECRET_KEY, Seaweed
+
+BODY = os.urandom(300_000)
+
+
+async def uploaded(proxy: Proxy, count: int = 1, timeout: float = 15.0) -> None:
+    """Wait until ``count`` objects went up to OBS and nothing waits."""
+    shared = proxy.state.shared
+    assert shared is not None
+    for _ in range(int(timeout / 0.05)):
+        done = [m for m in proxy.state.cache.index if m.remote]
+        if len(done) >= count and not shared.pending:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"uploads not done: pending {list(shared.pending)}, problem {shared.problem}")
+
+
+async def evict_local(proxy: Proxy) -> None:
+    """Drop the local copies (what eviction does once they are in OBS)."""
+    for meta in list(proxy.state.cache.index):
+        assert meta.remote
+        await proxy.state.cache.purge(meta)
+
+
+async def readyz(proxy: Proxy) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/_cacheproxy/readyz") as response:
+            return response.status, await response.json()
+
+
+async def test_miss_upload_then_redirect_hit(
+    seaweed: Seaweed, bucket: str, origin: Origin, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    origin.add("/pkg.tar.gz", body=BODY)
+    proxy = await make_proxy(**seaweed.obs_config(bucket))
+    miss = await curl(proxy, origin.url("/pkg.tar.gz"), "-D", "-")
+    assert miss.stdout.endswith(BODY) and b"X-Cache: MISS" in miss.stdout
+    await uploaded(proxy)
+    meta = next(iter(proxy.state.cache.index))
+    assert obs_client(seaweed).getObjectMetadata(bucket, meta.remote).status == 200  # private, with metadata
+    await evict_local(proxy)
+    redirect = await curl(proxy, origin.url("/pkg.tar.gz"), "-D", "-", "-o", "/dev/null")
+    head = redirect.stdout.decode()
+    assert head.startswith("HTTP/1.1 302 ") and "X-Cache: HIT" in head
+    location = next(line.split(": ", 1)[1].strip() for line in head.splitlines() if line.startswith("Location:"))
+    assert location.startswith(seaweed.endpoint) and "X-Amz-Signature=" in location
+    followed = await curl(proxy, origin.url("/pkg.tar.gz"), "-L", "-o", str(tmp_path / "f"))
+    assert followed.rc == 0 and (tmp_path / "f").read_bytes() == BODY
+    ranged = await run("curl", "-sS", "-r", "10-19", location)
+    assert ranged.stdout == BODY[10:20]
+    unsigned = await run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", location.split("?")[0])
+    assert unsigned.stdout == b"403"  # objects are private
+    assert origin.hits("/pkg.tar.gz") == 1
+
+
+async def test_stream_mode_with_range(seaweed: Seaweed, bucket: str, origin: Origin, make_proxy: MakeProxy) -> None:
+    origin.add("/pkg.tar.gz", body=BODY)
+    proxy = await make_proxy(**seaweed.obs_config(bucket, storage__obs__serve_hits="stream"))
+    assert (await curl(proxy, origin.url("/pkg.tar.gz"))).stdout == BODY
+    await uploaded(proxy)
+    await evict_local(proxy)
+    whole = await curl(proxy, origin.url("/pkg.tar.gz"), "-D", "-")
+    head, _, body = whole.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"X-Cache: HIT" in head and body == BODY
+    part = await curl(proxy, origin.url("/pkg.tar.gz"), "-r", "1000-1999", "-D", "-")
+    head, _, body = part.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 206 ") and body == BODY[1000:2000]
+    assert origin.hits("/pkg.tar.gz") == 1
+
+
+async def test_two_instances_share_one_bucket(
+    seaweed: Seaweed, bucket: str, origin: Origin, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    origin.add("/shared.tar.xz", body=BODY)
+    first = await make_proxy(tmp_path / "a", **seaweed.obs_config(bucket, storage__obs__serve_hits="stream"))
+    second = await make_proxy(tmp_path / "b", **seaweed.obs_config(bucket, storage__obs__serve_hits="stream"))
+    assert (await curl(first, origin.url("/shared.tar.xz"))).stdout == BODY
+    await uploaded(first)
+    got = await curl(second, origin.url("/shared.tar.xz"), "-D", "-")
+    head, _, body = got.stdout.partition(b"\r\n\r\n")
+    assert b"X-Cache: HIT" in head and body == BODY
+    assert origin.hits("/shared.tar.xz") == 1  # one origin fetch for both instances
+    # The second instance's listing sees it too.
+    shared = second.state.shared
+    assert shared is not None
+    await shared.refresh()
+    assert len(shared.entries) == 1
+
+
+async def test_obs_down_serving_goes_on_and_uploads_wait(
+    seaweed: Seaweed, bucket: str, origin: Origin, make_proxy: MakeProxy, unused_tcp_port: int
+) -> None:
+    origin.add("/a.tar.gz", body=BODY)
+    origin.add("/b.tar.gz", body=BODY)
+    origin.add("/c.tar.gz", body=BODY)
+    proxy = await make_proxy(
+        **seaweed.obs_config(bucket, storage__obs__endpoint=f"http://127.0.0.1:{unused_tcp_port}"),
+        cache__max_size="700KB",  # two objects: eviction would want to drop one
+    )
+    for name in ("/a.tar.gz", "/b.tar.gz", "/c.tar.gz"):
+        assert (await curl(proxy, origin.url(name))).stdout == BODY
+    await proxy.wait_idle()
+    status, body = await readyz(proxy)
+    assert status == 503
+    checks = body["checks"]
+    assert isinstance(checks, dict)
+    assert checks["obs"]["ok"] is False and "ConnectionRefused" in checks["obs"]["error"]
+    assert checks["obs"]["pending_uploads"] == 3
+    await proxy.state.cache.evict_if_needed()
+    assert len(proxy.state.cache.index) == 3  # never evicted before its upload
+    hit = await curl(proxy, origin.url("/a.tar.gz"), "-D", "-")
+    assert b"X-Cache: HIT" in hit.stdout  # from the local tier
+
+
+async def test_missing_bucket_then_created_uploads_retried(
+    seaweed: Seaweed, origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    name = f"cp-later-{os.getpid()}"
+    origin.add("/late.tar.gz", body=BODY)
+    proxy = await make_proxy(**seaweed.obs_config(name, storage__obs__index_refresh="200ms"))
+    for _ in range(100):
+        status, body = await readyz(proxy)
+        if "not checked yet" not in json.dumps(body):
+            break
+        await asyncio.sleep(0.05)
+    assert status == 503 and "404" in json.dumps(body)  # the bucket is missing: named in readyz
+    # A miss is still served (from the origin) and stored locally; its upload waits.
+    assert (await curl(proxy, origin.url("/late.tar.gz"))).stdout == BODY
+    created = obs_client(seaweed).createBucket(name)
+    assert created.status < 300 or created.status == 409  # SeaweedFS may make it on the first PUT
+    await uploaded(proxy, timeout=20)
+    for _ in range(100):
+        if (await readyz(proxy))[0] == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert (await readyz(proxy))[0] == 200
+    assert SECRET_KEY not in caplog.text
+
+
+async def test_wrong_credentials_are_named_and_secret_never_logged(
+    seaweed: Seaweed, bucket: str, origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    origin.add("/x.tar.gz", body=BODY)
+    proxy = await make_proxy(**seaweed.obs_config(bucket, storage__obs__secret_access_key="wrong-secret-value"))
+    assert (await curl(proxy, origin.url("/x.tar.gz"))).stdout == BODY  # the origin still serves
+    await asyncio.sleep(0.3)
+    status, body = await readyz(proxy)
+    assert status == 503 and "403" in json.dumps(body)
+    assert "wrong-secret-value" not in caplog.text and "wrong-secret-value" not in json.dumps(body)
+
+
+async def test_bucket_clean_up_oldest_first(
+    seaweed: Seaweed, bucket: str, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    proxy = await make_proxy(**seaweed.obs_config(bucket, storage__obs__max_size="700KB"))
+    for i, name in enumerate(("/1.tar.gz", "/2.tar.gz", "/3.tar.gz")):
+        origin.add(name, body=BODY)
+        assert (await curl(proxy, origin.url(name))).stdout == BODY
+        await uploaded(proxy, i + 1)
+        await asyncio.sleep(1.1)  # listings give times in seconds
+    shared = proxy.state.shared
+    assert shared is not None
+    assert await shared.cleanup() == 1
+    await shared.refresh()
+    assert sorted(e.object_key.rsplit("/", 1)[1] for e in shared.entries.values()) == ["2.tar.gz", "3.tar.gz"]
+
+
+async def test_bucket_clean_up_by_age(seaweed: Seaweed, bucket: str, origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(**seaweed.obs_config(bucket, storage__obs__max_age="2s"))
+    origin.add("/old.tar.gz", body=BODY)
+    assert (await curl(proxy, origin.url("/old.tar.gz"))).stdout == BODY
+    await uploaded(proxy)
+    shared = proxy.state.shared
+    assert shared is not None
+    assert await shared.cleanup() == 0  # young enough
+    await asyncio.sleep(3.1)
+    assert await shared.cleanup() == 1
+    assert shared.entries == {}
