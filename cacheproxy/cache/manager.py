@@ -156,6 +156,9 @@ class Cache:
             self.index.remove(meta.key)
 
     async def get(self, url: URL, method: str, headers: Mapping[str, str]) -> Outcome:
+        if self.shared is not None and self.shared.is_own(url):
+            # A signed URL of our own bucket, fetched through us: pass it on, never a second copy.
+            return await self.bypass(url, method, headers)
         key = self.key_for(url)
         meta = self.index.get(key)
         if meta is None and key not in self.fills:

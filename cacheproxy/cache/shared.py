@@ -16,6 +16,8 @@ import collections
 import logging
 import time
 
+from yarl import URL
+
 from ..config import ObsConfig
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta
@@ -38,7 +40,9 @@ class SharedTier:
         self.problem: str | None = "not checked yet"
         self.entries: dict[str, RemoteEntry] = {}  # object key -> entry, from the last listing
         self.listed_at = 0.0
-        self._known: collections.OrderedDict[str, ObjectMeta] = collections.OrderedDict()
+        # Objects seen by a HEAD, with when: trusted for index_refresh, and dropped sooner when
+        # a listing shows the object gone or rewritten (another instance revalidated it, say).
+        self._known: collections.OrderedDict[str, tuple[ObjectMeta, float]] = collections.OrderedDict()
         self.pending: dict[str, ObjectMeta] = {}  # cache key -> committed local object not uploaded yet
         self._uploads: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
@@ -54,7 +58,7 @@ class SharedTier:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.remote.close()
+        await self.remote.close()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -79,6 +83,10 @@ class SharedTier:
             self._failed(str(exc))
             return
         self.entries, self.listed_at = entries, time.time()
+        for key, (meta, seen) in list(self._known.items()):
+            entry = entries.get(meta.remote)
+            if entry is None or entry.modified > seen:
+                del self._known[key]
         if self.problem is not None:
             log.info("OBS bucket %s reachable: %d objects", self.remote.bucket, len(entries))
         self.problem = None
@@ -92,10 +100,10 @@ class SharedTier:
 
     async def lookup(self, key: str) -> ObjectMeta | None:
         """The shared store's object for ``key`` (one HEAD unless seen before), or None."""
-        meta = self._known.get(key)
-        if meta is not None:
+        known = self._known.get(key)
+        if known is not None and time.time() - known[1] < self.config.index_refresh:
             self._known.move_to_end(key)
-            return meta
+            return known[0]
         try:
             meta = await self.remote.stat(key)
         except ObsUnavailable as exc:
@@ -106,7 +114,7 @@ class SharedTier:
         return meta
 
     def remember(self, meta: ObjectMeta) -> None:
-        self._known[meta.key] = meta
+        self._known[meta.key] = (meta, time.time())
         self._known.move_to_end(meta.key)
         while len(self._known) > KNOWN:
             self._known.popitem(last=False)
@@ -117,6 +125,11 @@ class SharedTier:
             await self.remote.update_meta(meta)
         except ObsUnavailable as exc:
             self._failed(str(exc))
+
+    def is_own(self, url: URL) -> bool:
+        """A URL on the OBS endpoint (a client following our redirect through the proxy)."""
+        endpoint = URL(self.config.endpoint or "")
+        return (url.host or "").lower() == (endpoint.host or "").lower() and url.port == endpoint.port
 
     def signed_url(self, meta: ObjectMeta) -> str:
         return self.remote.signed_url(meta, self.config.signed_url_ttl)
@@ -186,7 +199,7 @@ class SharedTier:
                 self._failed(str(exc))
                 break
             self.entries.pop(entry.object_key, None)
-            for key, meta in list(self._known.items()):
+            for key, (meta, _) in list(self._known.items()):
                 if meta.remote == entry.object_key:
                     del self._known[key]
         if doomed:

@@ -1,7 +1,7 @@
 """Huawei OBS (or any S3-compatible store) through esdk-obs-python: the shared tier.
 
 Every SDK call blocks, so each runs in a bounded thread pool of its own (``OBS_THREADS``); bodies
-go up from files and come down as streams, never as whole ``bytes``. An object's key is
+go up from files, never as whole ``bytes``, and come down as aiohttp streams of a signed URL. An object's key is
 ``<prefix><sha256 of the cache key>/<file name>`` (the name from the URL, so one HEAD finds a key's
 object), and its metadata (url, sha256, md5, validators, freshness) travels with it as
 ``x-amz-meta-cacheproxy-*``. Objects are private: hits are served by the proxy or through a
@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from obs import CopyObjectHeader, GetObjectHeader, ObsClient, PutObjectHeader
+import aiohttp
+from obs import CopyObjectHeader, ObsClient, PutObjectHeader
+from yarl import URL
 
 from ..config import ObsConfig
 from ..units import format_size
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 OBS_THREADS = 8
 READ_SIZE = 1 << 20
+SIGNED_READ_TTL = 300  # seconds a signed URL used by the proxy itself stays valid
 MULTIPART_ABOVE = 64 << 20  # larger bodies go up in parts ...
 PART_SIZE = 16 << 20  # ... of this size,
 PART_TASKS = 4  # this many at once
@@ -96,8 +99,11 @@ class ObsStore(Storage):
             timeout=30,
         )
         self._pool = ThreadPoolExecutor(max_workers=OBS_THREADS, thread_name_prefix="cacheproxy-obs")
+        self._session: aiohttp.ClientSession | None = None  # for reads (stream hits)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
@@ -176,26 +182,29 @@ class ObsStore(Storage):
         return await self.head(self.object_key(key))
 
     async def read(self, meta: ObjectMeta, start: int = 0, stop: int | None = None) -> AsyncGenerator[bytes, None]:
+        """The bytes through a signed URL with aiohttp: no thread per piece, connections reused."""
         stop = meta.size if stop is None else stop
         if stop <= start:
             return
-        header = GetObjectHeader()
-        header.range = f"{start}-{stop - 1}"
-        resp = await self._call(
-            "get", self._client.getObject, self.bucket, meta.remote, headers=header, loadStreamInMemory=False
-        )
-        stream = resp.body.response
-        loop = asyncio.get_running_loop()
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60), auto_decompress=False
+            )
+        url = self.signed_url(meta, SIGNED_READ_TTL)
+        ranged = start > 0 or stop < meta.size
+        headers = {"Range": f"bytes={start}-{stop - 1}"} if ranged else {}
         try:
-            left = stop - start
-            while left > 0:
-                data = await loop.run_in_executor(self._pool, stream.read, min(READ_SIZE, left))
-                if not data:
+            async with self._session.get(URL(url, encoded=True), headers=headers) as response:
+                if response.status != (206 if ranged else 200):
+                    raise ObsUnavailable(f"OBS get {meta.remote}: {response.status} {response.reason}")
+                left = stop - start
+                async for piece in response.content.iter_chunked(READ_SIZE):
+                    left -= len(piece)
+                    yield piece
+                if left:
                     raise ObsUnavailable(f"OBS get {meta.remote}: body ended {left} bytes early")
-                left -= len(data)
-                yield data
-        finally:
-            await loop.run_in_executor(self._pool, stream.close)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ObsUnavailable(f"OBS get {meta.remote}: {type(exc).__name__}: {exc}") from None
 
     def signed_url(self, meta: ObjectMeta, ttl: float) -> str:
         """A URL that fetches the object without credentials for ``ttl`` seconds (no network)."""

@@ -59,8 +59,11 @@ async def test_miss_upload_then_redirect_hit(
     assert head.startswith("HTTP/1.1 302 ") and "X-Cache: HIT" in head
     location = next(line.split(": ", 1)[1].strip() for line in head.splitlines() if line.startswith("Location:"))
     assert location.startswith(seaweed.endpoint) and "X-Amz-Signature=" in location
+    # curl -x … -L follows the signed URL through the proxy too: passed on, never stored again
     followed = await curl(proxy, origin.url("/pkg.tar.gz"), "-L", "-o", str(tmp_path / "f"))
     assert followed.rc == 0 and (tmp_path / "f").read_bytes() == BODY
+    await proxy.wait_idle()
+    assert len(proxy.state.cache.index) == 0
     ranged = await run("curl", "-sS", "-r", "10-19", location)
     assert ranged.stdout == BODY[10:20]
     unsigned = await run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", location.split("?")[0])

@@ -33,7 +33,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     seaweed = request.getfixturevalue("seaweed")
     backend = obs_store(seaweed, request.getfixturevalue("bucket"), tmp_path)
     yield backend
-    backend.close()
+    await backend.close()
 
 
 def meta_for(url: str, body: bytes) -> ObjectMeta:
@@ -116,7 +116,7 @@ async def test_listing_pages_past_a_thousand(seaweed: Seaweed, bucket: str, tmp_
     try:
         keys = [entry.object_key async for entry in store.entries()]
     finally:
-        store.close()
+        await store.close()
     assert len(keys) == count == len(set(keys))
 
 
@@ -129,13 +129,13 @@ async def test_wrong_credentials_and_stopped_server(seaweed: Seaweed, bucket: st
         with pytest.raises(ObsUnavailable):
             await wrong.stat("https://example.org/x.tar.gz")
     finally:
-        wrong.close()
+        await wrong.close()
     dead = obs_store(seaweed, bucket, tmp_path, storage__obs__endpoint="http://127.0.0.1:9")
     try:
         problem = await dead.check_writable()
         assert problem is not None and "ConnectionRefused" in problem
     finally:
-        dead.close()
+        await dead.close()
 
 
 async def test_large_bodies_go_up_in_parts(
@@ -156,4 +156,4 @@ async def test_large_bodies_go_up_in_parts(
         assert found is not None and found.sha256 == hashlib.sha256(body).hexdigest()
         assert await read_all(store, found, (13 << 20) - 10) == body[-10:]
     finally:
-        store.close()
+        await store.close()
