@@ -38,6 +38,7 @@ class SharedTier:
         self.local = local
         self.metrics = metrics
         self.problem: str | None = "not checked yet"
+        self.failing = False  # the last call failed: lookups skip OBS until a check succeeds
         self.entries: dict[str, RemoteEntry] = {}  # object key -> entry, from the last listing
         self.listed_at = 0.0
         # Objects seen by a HEAD, with when: trusted for index_refresh, and dropped sooner when
@@ -83,15 +84,17 @@ class SharedTier:
             self._failed(str(exc))
             return
         self.entries, self.listed_at = entries, time.time()
+        self.failing = False
         for key, (meta, seen) in list(self._known.items()):
             entry = entries.get(meta.remote)
             if entry is None or entry.modified > seen:
                 del self._known[key]
-        if self.problem is not None:
-            log.info("OBS bucket %s reachable: %d objects", self.remote.bucket, len(entries))
+        if self.problem is not None and self.problem != "not checked yet":
+            log.info("OBS bucket %s reachable again: %d objects", self.remote.bucket, len(entries))
         self.problem = None
 
     def _failed(self, problem: str) -> None:
+        self.failing = True
         if problem != self.problem:
             log.warning("%s (serving goes on from the local store and the origin)", problem)
         self.problem = problem
@@ -104,6 +107,8 @@ class SharedTier:
         if known is not None and time.time() - known[1] < self.config.index_refresh:
             self._known.move_to_end(key)
             return known[0]
+        if self.failing:
+            return None  # do not make every miss wait for an OBS that is down: the origin serves
         try:
             meta = await self.remote.stat(key)
         except ObsUnavailable as exc:

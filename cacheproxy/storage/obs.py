@@ -36,6 +36,7 @@ from .base import ObjectMeta, Storage, Writer
 log = logging.getLogger(__name__)
 
 OBS_THREADS = 8
+OBS_TIMEOUT = 15  # seconds per SDK request (the SDK's default is 60)
 READ_SIZE = 1 << 20
 SIGNED_READ_TTL = 300  # seconds a signed URL used by the proxy itself stays valid
 MULTIPART_ABOVE = 64 << 20  # larger bodies go up in parts ...
@@ -96,7 +97,7 @@ class ObsStore(Storage):
             is_signature_negotiation=False,
             region="us-east-1" if config.signature == "v4" else "region",
             max_retry_count=1,
-            timeout=30,
+            timeout=OBS_TIMEOUT,
         )
         self._pool = ThreadPoolExecutor(max_workers=OBS_THREADS, thread_name_prefix="cacheproxy-obs")
         self._session: aiohttp.ClientSession | None = None  # for reads (stream hits)

@@ -196,3 +196,36 @@ async def test_bucket_clean_up_by_age(seaweed: Seaweed, bucket: str, origin: Ori
     await asyncio.sleep(3.1)
     assert await shared.cleanup() == 1
     assert shared.entries == {}
+
+
+async def test_silent_obs_does_not_hold_up_misses(
+    seaweed: Seaweed, bucket: str, origin: Origin, make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint that accepts and never answers: after the first failed check, misses go
+    straight to the origin instead of waiting for a HEAD to time out."""
+    from cacheproxy.storage import obs
+
+    monkeypatch.setattr(obs, "OBS_TIMEOUT", 1)
+    silent: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        origin.add("/quick.tar.gz", body=BODY)
+        proxy = await make_proxy(**seaweed.obs_config(bucket, storage__obs__endpoint=f"http://127.0.0.1:{port}"))
+        for _ in range(100):
+            status, body = await readyz(proxy)
+            if "not checked yet" not in json.dumps(body):
+                break
+            await asyncio.sleep(0.1)
+        assert status == 503
+        started = asyncio.get_running_loop().time()
+        assert (await curl(proxy, origin.url("/quick.tar.gz"))).stdout == BODY
+        assert asyncio.get_running_loop().time() - started < 0.9
+    finally:
+        for writer in silent:
+            writer.close()
+        server.close()
