@@ -18,10 +18,16 @@ ACCESS_KEY, SECRET_KEY = "cacheproxy-test-ak", "cacheproxy-test-sk-0123456789"
 START_TIMEOUT = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports (all held open while choosing, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass
@@ -52,7 +58,18 @@ class Seaweed:
         self.process.wait(10)
 
 
-def start_seaweed(root: Path) -> Seaweed:
+def start_seaweed(root: Path, attempts: int = 3) -> Seaweed:
+    """Start weed; again on new ports if one was taken meanwhile (it exits on a bind error)."""
+    for attempt in range(attempts):
+        try:
+            return _start(root / f"run{attempt}")
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start(root: Path) -> Seaweed:
     beside = Path(sys.executable).parent / "weed"  # installed into the same environment (.venv)
     weed = str(beside) if beside.exists() else shutil.which("weed")
     if weed is None:
@@ -63,8 +80,9 @@ def start_seaweed(root: Path) -> Seaweed:
     identity = {"name": "cacheproxy", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}
     identity["actions"] = ["Admin", "Read", "List", "Tagging", "Write"]
     config.write_text(json.dumps({"identities": [identity]}))
-    ports = {name: _free_port() for name in ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc")}
-    s3, s3_grpc = _free_port(), _free_port()
+    names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
+    ports = dict(zip(names, _free_ports(len(names)), strict=True))
+    s3, s3_grpc = ports["s3"], ports["s3_grpc"]
     args = [
         weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",

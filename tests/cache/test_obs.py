@@ -229,3 +229,80 @@ async def test_silent_obs_does_not_hold_up_misses(
         for writer in silent:
             writer.close()
         server.close()
+
+
+class Relay:
+    """A TCP relay to SeaweedFS on a fixed port that can be switched off and on (OBS going away)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self.writers += [writer, up_writer]
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+
+async def test_obs_going_away_and_coming_back(
+    seaweed: Seaweed, bucket: str, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    relay = Relay(seaweed.port)
+    await relay.start()
+    try:
+        proxy = await make_proxy(
+            **seaweed.obs_config(
+                bucket, storage__obs__endpoint=f"http://127.0.0.1:{relay.port}", storage__obs__index_refresh="300ms"
+            )
+        )
+        origin.add("/one.tar.gz", body=BODY)
+        origin.add("/two.tar.gz", body=BODY)
+        assert (await curl(proxy, origin.url("/one.tar.gz"))).stdout == BODY
+        await uploaded(proxy)
+        assert (await readyz(proxy))[0] == 200
+        await relay.stop()  # OBS goes away while serving
+        assert (await curl(proxy, origin.url("/two.tar.gz"))).stdout == BODY  # still served
+        await proxy.wait_idle()  # committed locally (the commit follows the last byte)
+        for _ in range(100):
+            if (await readyz(proxy))[0] == 503:
+                break
+            await asyncio.sleep(0.1)
+        status, body = await readyz(proxy)
+        assert status == 503 and body["checks"]["obs"]["pending_uploads"] == 1  # type: ignore[index]
+        hit = await curl(proxy, origin.url("/one.tar.gz"), "-D", "-")
+        assert b"X-Cache: HIT" in hit.stdout  # the local tier
+        await relay.start()  # back, on the same port
+        await uploaded(proxy, 2, timeout=20)
+        for _ in range(100):
+            if (await readyz(proxy))[0] == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert (await readyz(proxy))[0] == 200
+        assert origin.hits("/one.tar.gz") == 1 and origin.hits("/two.tar.gz") == 1
+    finally:
+        if relay.server is not None and relay.server.is_serving():
+            await relay.stop()
