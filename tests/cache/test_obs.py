@@ -306,3 +306,24 @@ async def test_obs_going_away_and_coming_back(
     finally:
         if relay.server is not None and relay.server.is_serving():
             await relay.stop()
+
+
+async def test_stale_shared_object_is_revalidated_in_place(
+    seaweed: Seaweed, bucket: str, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    origin.add("/notes.txt", body=b"release notes\n" * 100, headers={"Cache-Control": "max-age=1"})
+    proxy = await make_proxy(**seaweed.obs_config(bucket, storage__obs__serve_hits="stream"))
+    assert (await curl(proxy, origin.url("/notes.txt"))).rc == 0
+    await uploaded(proxy)
+    meta = next(iter(proxy.state.cache.index))
+    before = meta.response_time
+    await evict_local(proxy)
+    await asyncio.sleep(1.2)  # stale now
+    again = await curl(proxy, origin.url("/notes.txt"), "-D", "-")
+    assert b"X-Cache: REVALIDATED" in again.stdout and again.stdout.endswith(b"release notes\n" * 100)
+    assert origin.log[-1].headers.get("If-None-Match") == '"v1"'  # a conditional request, answered 304
+    shared = proxy.state.shared
+    assert shared is not None
+    stored = await shared.remote.stat(meta.key)
+    assert stored is not None and stored.response_time > before  # the new freshness went up to OBS
+    assert len(proxy.state.cache.index) == 0  # and no local copy was made of a body we do not hold
