@@ -48,6 +48,7 @@ class SharedTier:
         self._uploads: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        metrics.obs_pending_uploads.set_function(lambda: len(self.pending))
 
     # -- running ------------------------------------------------------------------------------
 
@@ -108,12 +109,15 @@ class SharedTier:
             self._known.move_to_end(key)
             return known[0]
         if self.failing:
+            self.metrics.obs_lookups.labels("skipped").inc()
             return None  # do not make every miss wait for an OBS that is down: the origin serves
         try:
             meta = await self.remote.stat(key)
         except ObsUnavailable as exc:
+            self.metrics.obs_lookups.labels("error").inc()
             self._failed(str(exc))
             return None
+        self.metrics.obs_lookups.labels("miss" if meta is None else "hit").inc()
         if meta is not None:
             self.remember(meta)
         return meta
@@ -162,9 +166,11 @@ class SharedTier:
                     self.pending.pop(meta.key, None)
                     return
                 except ObsUnavailable as exc:
+                    self.metrics.obs_uploads.labels("error").inc()
                     self._failed(str(exc))
                     await asyncio.sleep(min(30.0, 2.0**attempt))
                     continue
+                self.metrics.obs_uploads.labels("ok").inc()
                 meta.remote = stored.remote
                 await self.local.update_meta(meta)  # the local copy may now be evicted
                 self.pending.pop(meta.key, None)

@@ -31,6 +31,14 @@ class Metrics:
         self.alerts_sent = Counter(p + "alerts_sent", "Alerts sent", ["channel"], registry=r)
         self.denied = Counter(p + "denied", "Requests denied by a rule", ["reason"], registry=r)
         self.ratelimited = Counter(p + "ratelimited", "Requests refused by a rate limit", registry=r)
+        self.obs_uploads = Counter(p + "obs_uploads", "Uploads to OBS by outcome (ok, error)", ["outcome"], registry=r)
+        self.obs_pending_uploads = Gauge(p + "obs_pending_uploads", "Committed objects not in OBS yet", registry=r)
+        self.obs_lookups = Counter(
+            p + "obs_lookups",
+            "OBS lookups on a local miss by result (hit, miss, error, skipped)",
+            ["result"],
+            registry=r,
+        )
 
     def bind_store(self, objects: Callable[[], float], size: Callable[[], float]) -> None:
         self.cache_objects.set_function(objects)

@@ -98,6 +98,8 @@ async def test_two_instances_share_one_bucket(
     head, _, body = got.stdout.partition(b"\r\n\r\n")
     assert b"X-Cache: HIT" in head and body == BODY
     assert origin.hits("/shared.tar.xz") == 1  # one origin fetch for both instances
+    assert first.state.metrics.obs_uploads.labels("ok")._value.get() == 1
+    assert second.state.metrics.obs_lookups.labels("hit")._value.get() == 1
     # The second instance's listing sees it too.
     shared = second.state.shared
     assert shared is not None
@@ -124,6 +126,8 @@ async def test_obs_down_serving_goes_on_and_uploads_wait(
     assert isinstance(checks, dict)
     assert checks["obs"]["ok"] is False and "ConnectionRefused" in checks["obs"]["error"]
     assert checks["obs"]["pending_uploads"] == 3
+    text, _ = proxy.state.metrics.render()
+    assert b"cacheproxy_obs_pending_uploads 3.0" in text
     await proxy.state.cache.evict_if_needed()
     assert len(proxy.state.cache.index) == 3  # never evicted before its upload
     hit = await curl(proxy, origin.url("/a.tar.gz"), "-D", "-")
