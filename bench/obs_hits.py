@@ -14,7 +14,6 @@ keep-alive. Writes DIR/obs.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from obs import ObsClient  # noqa: E402
-from run import MiB, Server, free_port, http_ok, make_file, start_nginx, wait_for  # noqa: E402
+from run import Server, free_port, http_ok, make_files, side_bench_args, start_nginx, wait_for  # noqa: E402
 from tls import curl_many, curl_speed, median_speed  # noqa: E402
 
 from tests.seaweed import ACCESS_KEY, SECRET_KEY, start_seaweed  # noqa: E402
@@ -55,21 +54,12 @@ def start_instance(root: Path, name: str, workers: int, endpoint: str, serve_hit
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 100 MiB object and fewer requests")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    large_name, large_size = ("100m.tar", 100 * MiB) if args.quick else ("1g.tar", 1024 * MiB)
+    args, large_name, large_size = side_bench_args(__doc__ or "", HERE / "results")
     requests = 1000 if args.quick else 3000
     results: dict[str, object] = {"machine": f"{platform.node()} {os.cpu_count()} cores", "workers": args.workers}
     with tempfile.TemporaryDirectory(prefix="cacheproxy-obs-bench-") as tmp:
         root = Path(tmp)
-        root.chmod(0o755)  # nginx workers run as another user
-        files = root / "files"
-        files.mkdir()
-        make_file(files / large_name, large_size)
-        make_file(files / "4k.tar", 4 << 10)
+        files = make_files(root, large_name, large_size)
         nginx, _ = start_nginx(root, files)
         weed = start_seaweed(root / "seaweed")
         servers: list[Server] = [nginx]

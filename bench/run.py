@@ -336,6 +336,27 @@ def make_file(path: Path, size: int) -> None:
             f.write(block[i % 997 :] + block[: i % 997])  # no two MiB alike
 
 
+def side_bench_args(doc: str, out: Path) -> tuple[argparse.Namespace, str, int]:
+    """The options of the side benches (tls.py, obs_hits.py), and their large object."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 100 MiB object and fewer requests")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=out)
+    args = parser.parse_args()
+    large_name, large_size = ("100m.tar", 100 * MiB) if args.quick else ("1g.tar", 1024 * MiB)
+    return args, large_name, large_size
+
+
+def make_files(root: Path, large_name: str, large_size: int) -> Path:
+    """``root/files`` with the large object and ``4k.tar``; ``root`` readable by nginx's workers."""
+    root.chmod(0o755)  # nginx workers run as another user
+    files = root / "files"
+    files.mkdir()
+    make_file(files / large_name, large_size)
+    make_file(files / "4k.tar", 4 << 10)
+    return files
+
+
 def make_store(store: Path, count: int) -> None:
     """``count`` small committed objects in the local store layout, as cacheproxy writes them."""
     sys.path.insert(0, str(HERE.parent))

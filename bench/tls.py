@@ -13,7 +13,6 @@ connection (a new CONNECT and TLS handshake) for every request. Writes DIR/tls.j
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,7 +26,7 @@ from pathlib import Path
 import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import HERE, MiB, Server, free_port, http_ok, make_file, port_open, wait_for
+from run import HERE, MiB, Server, free_port, http_ok, make_files, port_open, side_bench_args, wait_for
 
 
 def start_https_nginx(root: Path, files: Path, cert: Path, key: Path) -> Server:
@@ -107,21 +106,12 @@ def curl_many(url: str, count: int, parallel: int, *args: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 100 MiB object and fewer requests")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    large_name, large_size = ("100m.tar", 100 * MiB) if args.quick else ("1g.tar", 1024 * MiB)
+    args, large_name, large_size = side_bench_args(__doc__ or "", HERE / "results")
     requests = 2000 if args.quick else 6000
     results: dict[str, object] = {"machine": f"{platform.node()} {os.cpu_count()} cores", "workers": args.workers}
     with tempfile.TemporaryDirectory(prefix="cacheproxy-tls-bench-") as tmp:
         root = Path(tmp)
-        root.chmod(0o755)  # nginx workers run as another user
-        files = root / "files"
-        files.mkdir()
-        make_file(files / large_name, large_size)
-        make_file(files / "4k.tar", 4 << 10)
+        files = make_files(root, large_name, large_size)
         ca = trustme.CA()
         server_cert = ca.issue_cert("localhost")
         cert, key, origin_ca = root / "origin.pem", root / "origin.key", root / "origin-ca.pem"

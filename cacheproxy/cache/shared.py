@@ -49,6 +49,8 @@ class SharedTier:
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         metrics.obs_pending_uploads.set_function(lambda: len(self.pending))
+        endpoint = URL(config.endpoint or "")
+        self._endpoint = ((endpoint.host or "").lower(), endpoint.port)
 
     # -- running ------------------------------------------------------------------------------
 
@@ -137,8 +139,7 @@ class SharedTier:
 
     def is_own(self, url: URL) -> bool:
         """A URL on the OBS endpoint (a client following our redirect through the proxy)."""
-        endpoint = URL(self.config.endpoint or "")
-        return (url.host or "").lower() == (endpoint.host or "").lower() and url.port == endpoint.port
+        return ((url.host or "").lower(), url.port) == self._endpoint
 
     def signed_url(self, meta: ObjectMeta) -> str:
         return self.remote.signed_url(meta, self.config.signed_url_ttl)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import BadRequest, Denied, ProxyError, raw_error_response
 from ..ops.logging import AccessRecord, log_access
+from ..upstream.tunnel import authority_of
 
 if TYPE_CHECKING:
     from .fastpath import FastPath
@@ -59,10 +60,6 @@ def parse_connect(head: bytes) -> tuple[str, int, dict[str, str]]:
         if sep:
             headers[name.strip().lower()] = value.strip()
     return host.lower(), int(port_text), headers
-
-
-def authority_of(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def origin_of(host: str, port: int) -> str:

@@ -79,6 +79,13 @@ def _parse_time(text: str) -> float:
             return 0.0
 
 
+def _as_stored(meta: ObjectMeta, object_key: str) -> ObjectMeta:
+    """A copy of ``meta`` as OBS keeps it: no local file, its object key."""
+    stored = ObjectMeta.from_dict(dict(meta.__dict__))
+    stored.file, stored.remote = "", object_key
+    return stored
+
+
 class ObsStore(Storage):
     def __init__(self, config: ObsConfig, spool: Path) -> None:
         self.config = config
@@ -214,8 +221,7 @@ class ObsStore(Storage):
 
     async def upload(self, path: Path, meta: ObjectMeta) -> ObjectMeta:
         """Put the body file with its metadata; multipart when large. Return the meta as stored."""
-        stored = ObjectMeta.from_dict(dict(meta.__dict__))
-        stored.file, stored.remote = "", self.object_key(meta.key)
+        stored = _as_stored(meta, self.object_key(meta.key))
         metadata = {META: stored.to_json()}
         if meta.size > MULTIPART_ABOVE:
             await self._call(
@@ -254,8 +260,7 @@ class ObsStore(Storage):
 
     async def update_meta(self, meta: ObjectMeta) -> None:
         """New metadata on a stored object (after revalidation): copied onto itself."""
-        stored = ObjectMeta.from_dict(dict(meta.__dict__))
-        stored.file = ""
+        stored = _as_stored(meta, meta.remote)
         header = CopyObjectHeader()
         header.directive = "REPLACE"
         header.contentType = meta.content_type or "application/octet-stream"

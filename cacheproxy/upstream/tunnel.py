@@ -18,6 +18,11 @@ HEAD_END = b"\r\n\r\n"
 MAX_PARENT_HEAD = 16 << 10
 
 
+def authority_of(host: str, port: int) -> str:
+    """``host:port`` as a CONNECT target (IPv6 in brackets)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 async def connect(
     host: str,
     port: int,
@@ -73,7 +78,7 @@ async def _through_parent(
     transport, handshake = await loop.create_connection(_ParentHandshake, parent.host, parent.port)
     assert isinstance(transport, asyncio.Transport)
     try:
-        authority = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+        authority = authority_of(host, port)
         lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
         if auth is not None:
             token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
