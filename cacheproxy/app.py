@@ -1,11 +1,15 @@
-"""Building the aiohttp application from a config, and running it until SIGTERM/SIGINT."""
+"""A running cacheproxy: its parts built from a config, its one front door, start and stop.
+
+:class:`App` wires the layers together (store, upstream, cache, rules, the pipeline) and serves
+every listening socket through :class:`~.proxy.door.DoorServer`; :func:`serve` runs it until
+SIGTERM/SIGINT.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -15,31 +19,27 @@ from .cache.shared import SharedTier
 from .config import Config
 from .guard.access import AccessRules
 from .guard.ssrf import SsrfGuard
-from .ops import health
+from .ops.health import endpoints
 from .ops.logging import flush_access_log
 from .ops.metrics import Metrics
+from .ops.observe import Observer
 from .proxy.certs import Authority
-from .proxy.fastpath import ProxySite
-from .proxy.handler import entry
+from .proxy.door import Door, DoorServer
+from .proxy.pipeline import Pipeline
 from .proxy.respond import Responder
-from .state import STATE, AppState
+from .state import AppState
 from .storage.local import LocalStore
 from .storage.obs import ObsStore
 from .upstream.http import HttpUpstream
 
 log = logging.getLogger(__name__)
 
-# Request line and header limits (aiohttp's parser answers 400 beyond them).
-MAX_LINE_SIZE = 16 << 10
-MAX_FIELD_SIZE = 16 << 10
-MAX_HEADERS = 100
 LISTEN_BACKLOG = 4096
 IO_THREADS = 16
 DEFAULT_GRACE = 30.0
 
 
-def create_app(config: Config, grace: float = DEFAULT_GRACE) -> web.Application:
-    app = web.Application(middlewares=[entry], client_max_size=1 << 30)
+def build_state(config: Config) -> AppState:
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="cacheproxy-io")
     access = AccessRules(config)
@@ -54,29 +54,60 @@ def create_app(config: Config, grace: float = DEFAULT_GRACE) -> web.Application:
     authority = None
     if config.tls_intercept.enabled:
         authority = Authority(config.tls_intercept.ca_cert, config.tls_intercept.ca_key)
-    app[STATE] = AppState(
-        config, metrics, access, store, upstream, cache, Responder(store, metrics, shared), executor, authority, shared
-    )
-    health.add_routes(app)
+    responder = Responder(store, metrics, shared)
+    return AppState(config, metrics, access, store, upstream, cache, responder, executor, authority, shared)
 
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        asyncio.get_running_loop().set_default_executor(executor)
-        await upstream.start()
-        await cache.load()
-        background = [asyncio.create_task(_housekeeping(cache, config.cache.cleanup_interval))]
-        yield
-        for task in background:
+
+class App:
+    """The parts of one process, and the server every connection of it goes through."""
+
+    def __init__(self, config: Config, grace: float = DEFAULT_GRACE) -> None:
+        self.config = config
+        self.grace = grace
+        self.state = build_state(config)
+        self.observe = Observer(self.state.metrics)
+        self.pipeline = Pipeline(self.state, endpoints(self.state), self.observe)
+        self._runner: web.ServerRunner | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    async def start(self) -> None:
+        """Load the index and get ready to serve (nothing listens yet: see :meth:`listen`)."""
+        state = self.state
+        asyncio.get_running_loop().set_default_executor(state.executor)
+        await state.upstream.start()
+        await state.cache.load()
+        self._background.append(asyncio.create_task(_housekeeping(state.cache, self.config.cache.cleanup_interval)))
+        server = DoorServer(self.pipeline, Door(self.config, self.observe))
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self.grace)
+        await self._runner.setup()
+
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Accept connections on ``host:port``; return the port (useful with 0)."""
+        assert self._runner is not None, "start() first"
+        before = set(map(str, self._runner.addresses))
+        site = web.TCPSite(self._runner, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None)
+        await site.start()
+        added = [a for a in self._runner.addresses if str(a) not in before]
+        return int(added[0][1]) if added else port
+
+    async def close(self) -> None:
+        """Stop accepting; running transfers get the grace period; then everything stops."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for task in self._background:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
+        state = self.state
         flush_access_log()
-        await cache.close(grace)
-        await upstream.close()
-        executor.shutdown(wait=True)
-        if authority is not None:
-            authority.close()
-
-    app.cleanup_ctx.append(lifecycle)
-    return app
+        await state.cache.close(self.grace)
+        await state.upstream.close()
+        state.executor.shutdown(wait=True)
+        if state.authority is not None:
+            state.authority.close()
 
 
 async def _housekeeping(cache: Cache, interval: float) -> None:
@@ -88,32 +119,16 @@ async def _housekeeping(cache: Cache, interval: float) -> None:
             log.exception("periodic clean-up failed")
 
 
-def runner_for(app: web.Application, grace: float = DEFAULT_GRACE) -> web.AppRunner:
-    return web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=grace,
-        max_line_size=MAX_LINE_SIZE,
-        max_field_size=MAX_FIELD_SIZE,
-        max_headers=MAX_HEADERS,
-    )
-
-
 async def serve(config: Config, grace: float = DEFAULT_GRACE, worker: int | None = None) -> None:
     """Run until SIGTERM/SIGINT; then stop accepting and let transfers finish for ``grace`` seconds.
 
     ``worker`` is set in a process of a ``workers`` > 1 group: each worker listens on its own
     socket bound with SO_REUSEPORT, and the kernel spreads new connections over them.
     """
-    app = create_app(config, grace)
-    runner = runner_for(app, grace)
-    await runner.setup()
+    app = App(config, grace)
+    await app.start()
     for address in config.listen:
-        site = ProxySite(
-            runner, app[STATE], address.host, address.port, backlog=LISTEN_BACKLOG, reuse_port=worker is not None
-        )
-        await site.start()
+        await app.listen(address.host, address.port, reuse_port=worker is not None)
         if worker is None:
             log.info("listening on %s (cache %s)", address, config.cache.dir)
     stop = asyncio.Event()
@@ -122,5 +137,5 @@ async def serve(config: Config, grace: float = DEFAULT_GRACE, worker: int | None
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("stopping: no new connections; up to %.0fs for running transfers", grace)
-    await runner.cleanup()
+    await app.close()
     log.info("stopped")

@@ -161,6 +161,12 @@ def _positive_int(value: object) -> int:
     return value
 
 
+def _positive_number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"expected a number > 0, got {value!r}")
+    return float(value)
+
+
 def _non_negative_int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"expected a whole number >= 0, got {value!r}")
@@ -257,10 +263,11 @@ class RulesConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    per_client_rps: Annotated[float, float] = 50.0
+    per_client_rps: Annotated[float, _positive_number] = 50.0
     per_client_burst: Annotated[int, _positive_int] = 200
     per_client_concurrency: Annotated[int, _positive_int] = 64
     max_connections: Annotated[int, _positive_int] = 4096
+    head_timeout: PositiveDuration = 10.0  # a request head not complete by then: 408 and close
 
 
 @dataclass(frozen=True)

@@ -40,11 +40,31 @@ class UnsupportedScheme(BadRequest):
     code = "unsupported_scheme"
 
 
+class HeadTooLarge(BadRequest):
+    """A request line, header field or header count over the limits (431, code ``bad_request``)."""
+
+    status = 431
+
+
+class HeadTimeout(ProxyError):
+    """The request head did not arrive within ``limits.head_timeout``."""
+
+    status = 408
+    code = "head_timeout"
+
+
 class Denied(ProxyError):
     """403; ``code`` is one of client_denied, host_denied, suffix_denied, private_upstream, port_denied."""
 
     status = 403
     code = "denied"
+
+
+class NotFound(ProxyError):
+    """No such endpoint of the proxy's own (``/_cacheproxy/...``)."""
+
+    status = 404
+    code = "not_found"
 
 
 class MethodNotAllowed(ProxyError):
@@ -55,6 +75,16 @@ class MethodNotAllowed(ProxyError):
 class RateLimited(ProxyError):
     status = 429
     code = "rate_limited"
+
+
+class Overloaded(ProxyError):
+    """More connections than ``limits.max_connections``: 503 and close."""
+
+    status = 503
+    code = "too_many_connections"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, headers={"Retry-After": "1"})
 
 
 class UpstreamFailed(ProxyError):

@@ -1,13 +1,9 @@
-"""What a running app holds, reachable from every request as ``request.app[STATE]``."""
+"""What a running process holds: the parts the pipeline and its answers reach."""
 
 from __future__ import annotations
 
-import asyncio
-import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-
-from aiohttp import web
+from dataclasses import dataclass
 
 from .cache.manager import Cache
 from .cache.shared import SharedTier
@@ -32,10 +28,3 @@ class AppState:
     executor: ThreadPoolExecutor
     authority: Authority | None = None  # TLS interception on
     shared: SharedTier | None = None  # storage.backend: obs
-    # Decrypted connections of intercepted CONNECTs -> the https origin their requests are for.
-    intercepted: weakref.WeakKeyDictionary[asyncio.BaseTransport, str] = field(
-        default_factory=weakref.WeakKeyDictionary
-    )
-
-
-STATE: web.AppKey[AppState] = web.AppKey("state", AppState)

@@ -15,14 +15,12 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
-from aiohttp import web
 from obs import ObsClient
 from yarl import URL
 
-from cacheproxy.app import create_app, runner_for
+from cacheproxy.app import App
 from cacheproxy.config import load_config
-from cacheproxy.proxy.fastpath import ProxySite
-from cacheproxy.state import STATE, AppState
+from cacheproxy.state import AppState
 
 from .origin import Origin
 from .seaweed import ACCESS_KEY, SECRET_KEY, Seaweed, start_seaweed
@@ -34,7 +32,7 @@ for tool in ("wget", "curl"):
 
 @dataclass
 class Proxy:
-    runner: web.AppRunner
+    app: App
     port: int
     cache_dir: Path
 
@@ -44,7 +42,7 @@ class Proxy:
 
     @property
     def state(self) -> AppState:
-        return self.runner.app[STATE]
+        return self.app.state
 
     def in_path(self, origin_url: str) -> URL:
         return URL(f"{self.url}/{origin_url}", encoded=True)
@@ -148,23 +146,21 @@ def config_values(cache_dir: Path, **overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture
 async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
-    runners: list[web.AppRunner] = []
+    apps: list[App] = []
 
     async def make(cache_dir: Path | None = None, **overrides: Any) -> Proxy:
         """A proxy; ``overrides`` are config keys with ``__`` for dots (``rules__negative_ttl=0``)."""
         cache_dir = cache_dir or tmp_path / "cache"
         config = load_config(None, config_values(cache_dir, **overrides))
-        runner = runner_for(create_app(config, grace=1.0), grace=1.0)
-        await runner.setup()
-        site = ProxySite(runner, runner.app[STATE], "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        port = site.port
-        return Proxy(runner, port, cache_dir)
+        app = App(config, grace=1.0)
+        await app.start()
+        apps.append(app)
+        port = await app.listen("127.0.0.1", 0)
+        return Proxy(app, port, cache_dir)
 
     yield make
-    for runner in reversed(runners):
-        await runner.cleanup()
+    for app in reversed(apps):
+        await app.close()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from multidict import CIMultiDict
 
 from ..storage.base import ObjectMeta
 from ..upstream.http import Response
+from .hot import Ready
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Buffered:
 class Hit:
     meta: ObjectMeta
     x_cache: str = "HIT"  # HIT, REVALIDATED or STALE
+    ready: Ready | None = None  # the body kept ready (in memory or an open file), when it is
 
 
 @dataclass

@@ -31,6 +31,7 @@ from ..upstream.retry import RetryBudget
 from .fill import Buffered, Fill, Head, Hit, Outcome, Passthrough
 from .flight import FillLock, HeadFile, Watch
 from .freshness import client_wants_revalidation, freshness, is_fresh, unstorable_reason
+from .hot import HotBodies
 from .index import Index
 from .keys import MirrorMap
 from .shared import SharedTier
@@ -81,6 +82,7 @@ class Cache:
         self.mirrors = MirrorMap(config.upstream.mirrors)
         self.rules = config.refresh_rules
         self.fills: dict[str, Fill] = {}
+        self.hot = HotBodies(store, self.forget)
         self.recent_failures: collections.deque[Failure] = collections.deque(maxlen=100)
         self._negative: dict[str, tuple[float, Buffered]] = {}
         self._dirty: set[str] = set()
@@ -124,6 +126,7 @@ class Cache:
         if fills:
             await asyncio.gather(*fills, return_exceptions=True)
         self._splicer_pool.shutdown(wait=True)
+        self.hot.close()
         await self.flush_access_times()
         if self._snapshot is not None:
             await asyncio.gather(self._snapshot, return_exceptions=True)
@@ -154,6 +157,7 @@ class Cache:
         """The body went away under us (evicted or replaced by another worker)."""
         if self.index.get(meta.key) is meta:
             self.index.remove(meta.key)
+        self.hot.discard(meta.key)
 
     async def get(self, url: URL, method: str, headers: Mapping[str, str]) -> Outcome:
         if self.shared is not None and self.shared.is_own(url):
@@ -169,8 +173,12 @@ class Cache:
             return await self.bypass(url, method, headers, x_cache="BYPASS")
         revalidate = client_wants_revalidation(headers)
         if meta is not None and not revalidate and is_fresh(meta.lifetime, meta.response_time, time.time()):
+            try:
+                ready = self.hot.get(meta)
+            except FileNotFoundError:  # another worker removed it: it is forgotten, look again
+                return await self.get(url, method, headers)
             self.touch(meta)
-            return Hit(meta)
+            return Hit(meta, ready=ready)
         negative = self._negative.get(key)
         if negative is not None and not revalidate:
             if negative[0] > time.monotonic():
@@ -637,6 +645,7 @@ class Cache:
     async def purge(self, meta: ObjectMeta) -> None:
         self.index.remove(meta.key)
         self._dirty.discard(meta.key)
+        self.hot.discard(meta.key)
         await self.store.delete(meta)
 
     async def flush_access_times(self) -> None:

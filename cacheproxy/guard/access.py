@@ -12,6 +12,8 @@ from ..config import Config, IPNetwork
 from ..errors import Denied
 from .ssrf import parse_ip
 
+KNOWN_CLIENTS = 10_000
+
 
 def _in(address: str | None, networks: Sequence[IPNetwork]) -> bool:
     ip = parse_ip(address) if address else None
@@ -22,6 +24,7 @@ class AccessRules:
     def __init__(self, config: Config) -> None:
         rules = config.rules
         self._clients = rules.allow_clients
+        self._known_clients: dict[str, bool] = {}  # address -> allowed, for the addresses seen last
         self._trusted = config.trusted_proxies
         self._allow_hosts = [p.lower() for p in rules.allow_upstream_hosts]
         self._deny_hosts = [p.lower() for p in rules.deny_upstream_hosts]
@@ -41,7 +44,13 @@ class AccessRules:
         return remote
 
     def check_client(self, address: str) -> None:
-        if not _in(address, self._clients):
+        allowed = self._known_clients.get(address)
+        if allowed is None:
+            allowed = _in(address, self._clients)
+            if len(self._known_clients) >= KNOWN_CLIENTS:
+                self._known_clients.clear()
+            self._known_clients[address] = allowed
+        if not allowed:
             raise Denied(f"client {address} is not in rules.allow_clients", code="client_denied")
 
     def check_url(self, url: URL) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -14,28 +15,30 @@ from dataclasses import dataclass
 from ..config import LogConfig
 
 ACCESS = "cacheproxy.access"
-_PASSWORD_IN_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*):[^/\s@]*@")
+# scheme:/user:password@ with one or more slashes: a client (or a path) may fold "//" into "/".
+_PASSWORD_IN_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*:/+[^/\s:@]*):[^/\s@]*@")
 
 
 def redact(text: str) -> str:
-    """``text`` with the password of any ``scheme://user:password@host`` in it masked."""
+    """``text`` with the password of any ``scheme://user:password@host`` in it masked (also the
+    folded ``scheme:/user:password@host`` of URL-in-path requests)."""
     return _PASSWORD_IN_URL.sub(r"\1:***@", text) if "@" in text else text
 
 
 def _install_redaction() -> None:
-    """Every log record of cacheproxy is created with URL passwords masked (ftp://user:pass@),
-    whichever handler (ours, a test's) ends up writing it."""
+    """Every log record, of cacheproxy and of the libraries it uses (aiohttp's among them), is
+    created with URL passwords masked, whichever handler (ours, a test's) ends up writing it."""
     make = logging.getLogRecordFactory()
     if getattr(make, "redacts", False):
         return
 
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:
         record = make(*args, **kwargs)
-        if record.name.startswith("cacheproxy") and record.args:
+        if record.args:
             message = record.getMessage()
             if "@" in message:
                 record.msg, record.args = redact(message), None
-        elif record.name.startswith("cacheproxy") and isinstance(record.msg, str):
+        elif isinstance(record.msg, str) and "@" in record.msg:
             record.msg = redact(record.msg)
         return record
 
@@ -61,34 +64,36 @@ class _JsonFormatter(logging.Formatter):
 
 
 class _AccessFile(logging.Handler):
-    """The access log file, written by a thread of its own in batches.
+    """The access log (a file, or standard error for "-"), written by a thread of its own in batches.
 
     Requests only append their line to a list; the writer thread writes what gathered every
-    FLUSH_EVERY seconds (sooner past FLUSH_BYTES) with one ``write`` on an O_APPEND descriptor, so
-    the workers of one group can share the file and a slow disk (writeback of large downloads can
-    stall writes for a long moment) never holds up the event loop. The thread is started in the
-    process that logs first, so forked workers each get their own.
+    FLUSH_EVERY seconds (sooner past FLUSH_LINES) with one ``write`` on an O_APPEND descriptor, so
+    the workers of one group can share the file, and a slow disk (writeback of large downloads can
+    stall writes for a long moment) or a slow reader of standard error (journald, docker) never
+    holds up the event loop. Standard error and a file cost a request the same. The thread is
+    started in the process that logs first, so forked workers each get their own.
     """
 
     def __init__(self, filename: str) -> None:
         super().__init__()
         self.path = filename
-        self._fd = os.open(filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if filename == "-":
+            self._fd = os.dup(sys.stderr.fileno())
+        else:
+            self._fd = os.open(filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._pid = 0
-        self._wake = threading.Condition()
-        self._lines: list[str] = []
-        self._size = 0
+        self._wake = threading.Event()
+        self._lines: collections.deque[str] = collections.deque()  # appends and pops need no lock
         self._closed = False
 
     def write_line(self, line: str) -> None:
         """The line as the text format would write it, without building a LogRecord (hot path)."""
         if self._pid != os.getpid():
             self._start()
-        with self._wake:
-            self._lines.append(line)
-            self._size += len(line)
-            if self._size >= FLUSH_BYTES:
-                self._wake.notify()
+        lines = self._lines
+        lines.append(line)
+        if len(lines) >= FLUSH_LINES:
+            self._wake.set()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -98,19 +103,20 @@ class _AccessFile(logging.Handler):
 
     def _start(self) -> None:
         self._pid = os.getpid()
-        self._wake = threading.Condition()  # a lock held across fork would never be released
+        self._wake = threading.Event()  # a lock held across fork would never be released
         threading.Thread(target=self._run, name="cacheproxy-access-log", daemon=True).start()
 
     def _run(self) -> None:
         while not self._closed:
-            with self._wake:
-                self._wake.wait_for(lambda: self._size >= FLUSH_BYTES or self._closed, timeout=FLUSH_EVERY)
+            self._wake.wait(FLUSH_EVERY)
+            self._wake.clear()
             self.flush_now()
 
     def flush_now(self) -> None:
         """Write what gathered (blocking)."""
-        with self._wake:
-            lines, self._lines, self._size = self._lines, [], 0
+        queue, lines = self._lines, []
+        while queue:
+            lines.append(queue.popleft())
         if lines and self._fd >= 0:
             data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
             while data:
@@ -118,8 +124,7 @@ class _AccessFile(logging.Handler):
 
     def close(self) -> None:
         self._closed = True
-        with self._wake:
-            self._wake.notify()
+        self._wake.set()
         self.flush_now()
         if self._fd >= 0:
             os.close(self._fd)
@@ -128,7 +133,7 @@ class _AccessFile(logging.Handler):
 
 
 FLUSH_EVERY = 0.5  # seconds
-FLUSH_BYTES = 256 << 10
+FLUSH_LINES = 2000  # lines gathered that wake the writer before FLUSH_EVERY
 
 
 def flush_access_log() -> None:
@@ -151,28 +156,24 @@ def setup_logging(config: LogConfig) -> None:
     stderr.setFormatter(formatter)
     root.addHandler(stderr)
     root.setLevel(config.level.upper())
-    setup_access_log(config, formatter)
+    setup_access_log(config)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def setup_access_log(config: LogConfig, formatter: logging.Formatter | None = None) -> None:
-    """Where access lines go: the root logger's stderr for "-", else a file of their own."""
-    if formatter is None:
-        formatter = _JsonFormatter() if config.format == "json" else logging.Formatter("%(message)s")
+def setup_access_log(config: LogConfig) -> None:
+    """Access lines go to their own writer (standard error for "-", else the file), not through
+    the logging machinery: one line per request is the hot path."""
     access = logging.getLogger(ACCESS)
-    access.propagate = config.access_log == "-"
+    access.propagate = False
     for handler in list(access.handlers):
         access.removeHandler(handler)
         handler.close()
-    global _direct
-    _direct = None
-    if config.access_log != "-":
-        file_handler = _AccessFile(config.access_log)
-        file_handler.setFormatter(formatter if config.format == "json" else logging.Formatter("%(message)s"))
-        access.addHandler(file_handler)
-        if config.format == "text":
-            _direct = file_handler
+    global _direct, _json
+    writer = _AccessFile(config.access_log)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(writer)  # for anything logged to the access logger by name
     access.setLevel(logging.INFO)
+    _direct, _json = writer, config.format == "json"
 
 
 @dataclass
@@ -188,7 +189,8 @@ class AccessRecord:
 
 
 TEXT_LINE = '%s "%s %s" %d %d %s %.3fs%s'
-_direct: _AccessFile | None = None  # a plain text access log file: lines skip the logging machinery
+_direct: _AccessFile | None = None  # set up by setup_logging; until then lines go to the access logger
+_json = False
 
 
 def log_access(record: AccessRecord) -> None:
@@ -205,8 +207,20 @@ def log_access(record: AccessRecord) -> None:
         f" {record.error}" if record.error else "",
     )
     if _direct is not None:
-        _direct.write_line(TEXT_LINE % args)
+        _direct.write_line(_json_line(TEXT_LINE % args, record) if _json else TEXT_LINE % args)
         return
     logger = logging.getLogger(ACCESS)
     if logger.isEnabledFor(logging.INFO):
         logger.info(TEXT_LINE, *args, extra={"fields": record.__dict__})
+
+
+def _json_line(message: str, record: AccessRecord) -> str:
+    now = time.time()
+    data = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + "Z",
+        "level": "info",
+        "logger": ACCESS,
+        "message": message,
+        **{k: v for k, v in record.__dict__.items() if k != "reported"},
+    }
+    return json.dumps(data)

@@ -1,17 +1,20 @@
 """CONNECT (SPEC section 5): a byte tunnel to the origin, or TLS interception.
 
-:class:`~.fastpath.HitProtocol` sees every request head first and gives a CONNECT to
-:func:`serve_connect` together with the connection. The checks are those of any proxied request
-(client network, upstream host rules) plus ``rules.connect_ports``; a refusal is answered and the
-connection closed. Then either
+A CONNECT comes through the pipeline like any request (client address, client check, a rate
+token), then :func:`serve` checks ``rules.connect_ports`` and the upstream host rules; a refusal
+is an ordinary error answer and the connection closes. Then either
 
 - a **tunnel**: a TCP connection to the origin (SSRF guard and parent proxy as for fetches),
-  ``200 Connection established``, and bytes both ways until either side closes or nothing moves
-  for ``upstream.tunnel_idle_timeout``; or
+  ``200 Connection established``, and the client connection is taken over by a :class:`Tunnel`
+  that moves bytes both ways until either side closes or nothing moves for
+  ``upstream.tunnel_idle_timeout``; it holds one of the client's concurrent request slots; or
 - **interception** (``tls_intercept.enabled`` and the host not in ``bypass_hosts``): ``200``, a
   TLS handshake with a certificate for the host signed by the local CA, and a new
-  :class:`HitProtocol` on the decrypted stream whose origin-form requests mean
-  ``https://host[:port]/path``, served through the cache like any other.
+  :class:`~.door.FrontDoor` on the decrypted stream whose origin-form requests mean
+  ``https://host[:port]/path`` and go through the pipeline like any other.
+
+The CONNECT's handler lives as long as the connection it took over, and reports one access line:
+for a tunnel when it closes (bytes sent to the client), for interception after the handshake.
 """
 
 from __future__ import annotations
@@ -20,16 +23,16 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING
 
-from ..errors import BadRequest, Denied, ProxyError, raw_error_response
-from ..ops.logging import AccessRecord, log_access
+from aiohttp import web
+
+from ..errors import BadRequest, Denied
+from ..guard.limits import ClientLimits
+from ..ops.observe import Observation, Observer
+from ..state import AppState
 from ..upstream.tunnel import authority_of
-
-if TYPE_CHECKING:
-    from .fastpath import FastPath
+from .door import FrontDoor, TunnelEnd
 
 log = logging.getLogger(__name__)
 
@@ -37,29 +40,25 @@ ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 HANDSHAKE_TIMEOUT = 30.0
 
 
-def parse_connect(head: bytes) -> tuple[str, int, dict[str, str]]:
-    """(host, port, headers) of a CONNECT request head; BadRequest when it is not one.
+class TakenOver(web.StreamResponse):
+    """The handler's answer once it owned the connection: aiohttp has nothing left to write."""
 
-    The Host header is optional (urllib sends none, pip no header at all): the target names the
-    origin.
-    """
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[0] != "CONNECT" or parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
-        raise BadRequest(f"not a CONNECT request line: {lines[0][:200]!r}")
-    target = parts[1]
+    async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+def parse_authority(target: str) -> tuple[str, int]:
+    """(host, port) of a CONNECT target ``host:port`` / ``[v6]:port``; BadRequest otherwise."""
     host, sep, port_text = target.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     valid_host = host.isascii() and host.isprintable() and "/" not in host and "@" not in host
     if not sep or not host or not valid_host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise BadRequest(f"CONNECT needs host:port, got {target[:200]!r}")
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    return host.lower(), int(port_text), headers
+    return host.lower(), int(port_text)
 
 
 def origin_of(host: str, port: int) -> str:
@@ -68,47 +67,29 @@ def origin_of(host: str, port: int) -> str:
     return f"https://{name}" if port == 443 else f"https://{name}:{port}"
 
 
-async def serve_connect(
-    fast: FastPath,
-    transport: asyncio.Transport,
-    head: bytes,
-    early: bytes,
-    peer: str,
-    fallback: Callable[[], asyncio.Protocol],
-) -> None:
-    """Answer one CONNECT on ``transport`` (reading paused); ``early``: bytes that followed it."""
-    state = fast.state
-    started = time.monotonic()
-    client, target = peer, head.split(b" ", 2)[1].decode("latin-1", "replace") if b" " in head else "?"
-    try:
-        host, port, headers = parse_connect(head)
-        target = authority_of(host, port)
-        client = state.access.client_from(peer, headers.get("x-forwarded-for", ""))
-        state.access.check_client(client)
-        if port not in state.config.rules.connect_ports:
-            ports = ", ".join(map(str, state.config.rules.connect_ports)) or "none"
-            raise Denied(f"CONNECT to port {port} is not allowed (rules.connect_ports: {ports})", code="port_denied")
-        state.access.check_host(host)
-        if fast.authority is not None and not _bypassed(host, state.config.tls_intercept.bypass_hosts):
-            record = AccessRecord(client, "CONNECT", target, 200, 0, "INTERCEPT", 0.0)
-            await _intercept(fast, transport, host, port, early, fallback, record)
-        else:
-            record = AccessRecord(client, "CONNECT", target, 200, 0, "TUNNEL", 0.0)
-            await Tunnel(fast, transport, record, started).open(host, port, early)
-    except ProxyError as exc:
-        if isinstance(exc, Denied):
-            state.metrics.denied.labels(exc.code).inc()
-            state.metrics.requests.labels("denied").inc()
-        else:
-            state.metrics.requests.labels("error").inc()
-        if not transport.is_closing():
-            transport.write(raw_error_response(exc))
-            transport.close()
-        elapsed = time.monotonic() - started
-        log_access(AccessRecord(client, "CONNECT", target, exc.status, 0, "", elapsed, exc.code))
-    except Exception:  # a bug: log it, and do not leave the client waiting
-        log.exception("CONNECT %s from %s failed", target, client)
-        transport.abort()
+async def serve(
+    request: web.BaseRequest,
+    door: FrontDoor,
+    state: AppState,
+    limits: ClientLimits,
+    record: Observation,
+    observe: Observer,
+) -> web.StreamResponse:
+    """Answer one CONNECT; ProxyError for a refusal (the pipeline answers it and closes)."""
+    host, port = parse_authority(request.raw_path)
+    record.target = authority_of(host, port)
+    if port not in state.config.rules.connect_ports:
+        ports = ", ".join(map(str, state.config.rules.connect_ports)) or "none"
+        raise Denied(f"CONNECT to port {port} is not allowed (rules.connect_ports: {ports})", code="port_denied")
+    state.access.check_host(host)
+    if state.authority is not None and not _bypassed(host, state.config.tls_intercept.bypass_hosts):
+        record.x_cache = "INTERCEPT"
+        await _intercept(request, door, state, host, port, record, observe)
+    else:
+        record.x_cache = "TUNNEL"
+        with limits.in_flight(record.client):
+            await Tunnel(door, state, record, observe).run(request, host, port)
+    return TakenOver()
 
 
 def _bypassed(host: str, patterns: tuple[str, ...]) -> bool:
@@ -116,138 +97,171 @@ def _bypassed(host: str, patterns: tuple[str, ...]) -> bool:
 
 
 async def _intercept(
-    fast: FastPath,
-    transport: asyncio.Transport,
+    request: web.BaseRequest,
+    door: FrontDoor,
+    state: AppState,
     host: str,
     port: int,
-    early: bytes,
-    fallback: Callable[[], asyncio.Protocol],
-    record: AccessRecord,
+    record: Observation,
+    observe: Observer,
 ) -> None:
-    from .fastpath import HitProtocol  # the two modules use each other
-
-    assert fast.authority is not None
+    assert state.authority is not None
     started = time.monotonic()
-    if early:  # a TLS ClientHello sent before our answer: clients wait for the 200 first
+    if door.early_bytes():  # a TLS ClientHello sent before our answer: clients wait for the 200 first
         raise BadRequest("data after CONNECT before the 200 answer: wait for the answer before the TLS handshake")
-    context = fast.authority.context_for(host)
-    origin = origin_of(host, port)
-    protocol = HitProtocol(fast, fallback, origin=origin)
+    context = state.authority.context_for(host)
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    inner = door.server.inner(origin_of(host, port), record.client)
     transport.write(ESTABLISHED)
-    loop = asyncio.get_running_loop()
+    record.status, record.result = 200, None  # the requests inside are counted, not the CONNECT
     try:
-        tls = await loop.start_tls(
-            transport, protocol, context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+        tls = await asyncio.get_running_loop().start_tls(
+            transport, inner, context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
         )
     except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
         transport.abort()
+        door.release()
         log.info("TLS handshake with %s for %s failed: %s", record.client, record.target, exc)
-        record.error, record.status = "tls_handshake_failed", 200
-        record.seconds = time.monotonic() - started
-        log_access(record)
+        record.error = "tls_handshake_failed"
+        _report(record, started, observe)
         return
     assert isinstance(tls, asyncio.Transport)
-    fast.state.intercepted[tls] = origin
-    protocol.connection_made(tls)
+    inner.connection_made(tls)
+    _report(record, started, observe)
+    try:
+        await inner.closed
+    finally:
+        tls.close()
+        door.release()
+
+
+def _report(record: Observation, started: float, observe: Observer) -> None:
     record.seconds = time.monotonic() - started
-    log_access(record)
+    record.reported = True
+    observe(record)
 
 
-class _End(asyncio.Protocol):
-    """One side of a tunnel: what it reads goes to the other side's transport."""
+class _OriginEnd(asyncio.Protocol):
+    """The origin side of a tunnel."""
 
-    def __init__(self, tunnel: Tunnel, to_client: bool) -> None:
+    def __init__(self, tunnel: Tunnel) -> None:
         self.tunnel = tunnel
-        self.to_client = to_client  # bytes read here are written to the client
         self.transport: asyncio.Transport | None = None
-        self.peer: _End | None = None
         self.eof = False
-        self._early: list[bytes] = []  # read before the other side was ready
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
-    def send(self, data: bytes) -> None:
-        """Write ``data`` to this side (or keep it until this side is connected)."""
-        if self.transport is None:
-            self._early.append(data)
-        else:
-            self.transport.write(data)
-
-    def flush_early(self) -> None:
-        for data in self._early:
-            self.send(data)
-        self._early.clear()
-
     def data_received(self, data: bytes) -> None:
-        assert self.peer is not None
-        self.tunnel.moved(len(data), self.to_client)
-        self.peer.send(data)
+        self.tunnel.to_client(data)
 
     def eof_received(self) -> bool:
         self.eof = True
-        peer = self.peer
-        if peer is None or peer.transport is None or peer.eof or not peer.transport.can_write_eof():
-            self.tunnel.close()
-            return False
-        peer.transport.write_eof()  # half-close: the other way may still carry bytes
-        return True
+        return self.tunnel.origin_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.tunnel.close()
 
     def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.pause_reading()
+        self.tunnel.pause_client()
 
     def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.resume_reading()
+        self.tunnel.resume_client()
 
 
-class Tunnel:
-    """Client and origin connections joined, with an idle timeout and one access log line."""
+class Tunnel(TunnelEnd):
+    """Client and origin connections joined, with an idle timeout and one access line at the end."""
 
-    def __init__(self, fast: FastPath, client: asyncio.Transport, record: AccessRecord, started: float) -> None:
-        self._fast = fast
+    def __init__(self, door: FrontDoor, state: AppState, record: Observation, observe: Observer) -> None:
+        self._door = door
+        self._state = state
         self._record = record
-        self._started = started
-        self._idle_timeout = fast.state.config.upstream.tunnel_idle_timeout
-        self.client = _End(self, to_client=False)
-        self.origin = _End(self, to_client=True)
-        self.client.peer, self.origin.peer = self.origin, self.client
-        self._client_transport = client
+        self._observe = observe
+        self._started = time.monotonic()
+        self._idle_timeout = state.config.upstream.tunnel_idle_timeout
+        self._origin = _OriginEnd(self)
+        self._client: asyncio.Transport | None = None
+        self._client_eof = False
         self._active = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._bytes_metric = fast.state.metrics.response_bytes.labels("upstream")
+        self._bytes_metric = state.metrics.response_bytes.labels("upstream")
 
-    async def open(self, host: str, port: int, early: bytes) -> None:
-        """Connect to the origin, answer 200 and start moving bytes; ProxyError when it cannot."""
-        state = self._fast.state
-        await state.upstream.open_tunnel(host, port, lambda: self.origin)
+    async def run(self, request: web.BaseRequest, host: str, port: int) -> None:
+        """Connect to the origin, answer 200, move bytes until the tunnel closes."""
+        state = self._state
+        await state.upstream.open_tunnel(host, port, lambda: self._origin)
         state.metrics.upstream_requests.labels("tunnel", "ok").inc()
-        state.metrics.requests.labels("tunnel").inc()
-        client = self._client_transport
-        if client.is_closing():  # the client left while we connected
+        client = request.transport
+        if client is None or client.is_closing():  # the client left while we connected
             self.close()
             return
+        self._client = client
         client.write(ESTABLISHED)
-        client.set_protocol(self.client)
-        self.client.connection_made(client)
-        if early:
-            self.client.data_received(early)
-        self.origin.flush_early()
-        client.resume_reading()
-        self._fast.tunnels.add(self)
+        self._record.status = 200
+        self._door.take_over(self)
         self._arm()
+        try:
+            await self.closed
+        finally:
+            self.abort()  # cancelled (shutdown after the grace period): both sides go now
 
-    def moved(self, n: int, to_client: bool) -> None:
+    # -- bytes --------------------------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
         self._active = time.monotonic()
-        if to_client:
-            self._record.bytes += n
-            self._bytes_metric.inc(n)
+        if self._origin.transport is not None:
+            self._origin.transport.write(data)
+
+    def to_client(self, data: bytes) -> None:
+        self._active = time.monotonic()
+        self._record.bytes += len(data)
+        self._bytes_metric.inc(len(data))
+        if self._client is not None:
+            self._client.write(data)
+
+    def client_eof(self) -> bool:
+        self._client_eof = True
+        origin = self._origin.transport
+        if origin is None or self._origin.eof or not origin.can_write_eof():
+            self.close()
+            return False
+        origin.write_eof()  # half-close: the other way may still carry bytes
+        return True
+
+    def origin_eof(self) -> bool:
+        client = self._client
+        if client is None or self._client_eof or not client.can_write_eof():
+            self.close()
+            return False
+        client.write_eof()
+        return True
+
+    def client_lost(self) -> None:
+        self.close()
+
+    # -- flow control: a full buffer on one side stops reading on the other --------------------
+
+    def client_paused(self) -> None:
+        if self._origin.transport is not None:
+            self._origin.transport.pause_reading()
+
+    def client_resumed(self) -> None:
+        if self._origin.transport is not None:
+            self._origin.transport.resume_reading()
+
+    def pause_client(self) -> None:
+        if self._client is not None:
+            self._client.pause_reading()
+
+    def resume_client(self) -> None:
+        if self._client is not None:
+            self._client.resume_reading()
+
+    # -- the end ------------------------------------------------------------------------------
 
     def _arm(self) -> None:
         self._timer = asyncio.get_running_loop().call_later(
@@ -270,15 +284,16 @@ class Tunnel:
         self.closed.set_result(None)
         if self._timer is not None:
             self._timer.cancel()
-        for end in (self.client, self.origin):
-            if end.transport is not None:
-                end.transport.close()  # sends what is still buffered, then closes
-        self._fast.tunnels.discard(self)
-        self._record.seconds = time.monotonic() - self._started
-        log_access(self._record)
+        for transport in (self._client, self._origin.transport):
+            if transport is not None:
+                transport.close()  # sends what is still buffered, then closes
+        if self._client is not None:  # the 200 went out: the tunnel reports itself
+            _report(self._record, self._started, self._observe)
 
     def abort(self) -> None:
-        for end in (self.client, self.origin):
-            if end.transport is not None:
-                end.transport.abort()
+        if self.closed.done():
+            return
+        for transport in (self._client, self._origin.transport):
+            if transport is not None:
+                transport.abort()
         self.close()

@@ -9,6 +9,7 @@ completed resets the client connection: wget and curl must see an error, never a
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ from multidict import CIMultiDict
 
 from ..cache.fill import Buffered, Hit, Outcome, Passthrough, Streaming
 from ..cache.freshness import http_date
+from ..cache.hot import Ready
 from ..cache.shared import SharedTier
 from ..errors import VIA, TransferAborted, UpstreamFailed
 from ..ops.metrics import Metrics
@@ -96,7 +98,10 @@ def _not_modified(request: web.BaseRequest, meta: ObjectMeta) -> bool:
     inm = request.headers.get("If-None-Match")
     if inm is not None:
         return _etag_matches(inm, meta.etag)
-    ims = http_date(request.headers.get("If-Modified-Since"))
+    since = request.headers.get("If-Modified-Since")
+    if since is None:
+        return False
+    ims = http_date(since)
     modified = http_date(meta.last_modified)
     return ims is not None and modified is not None and modified <= ims
 
@@ -149,22 +154,28 @@ async def _copy_fd(response: web.StreamResponse, fd: int, start: int, stop: int)
         start += len(data)
 
 
+def _open_body(path: os.PathLike[str]) -> io.FileIO:
+    return open(path, "rb", buffering=0)  # closed by the caller
+
+
 class Responder:
     def __init__(self, store: LocalStore, metrics: Metrics, shared: SharedTier | None = None) -> None:
         self._store = store
         self._metrics = metrics
         self._shared = shared
 
-    async def send(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
+    async def send(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         if isinstance(outcome, Hit):
-            return await self.send_hit(request, outcome.meta, outcome.x_cache)
+            return await self.send_hit(request, outcome.meta, outcome.x_cache, outcome.ready)
         if isinstance(outcome, Streaming):
             return await self.send_streaming(request, outcome)
         if isinstance(outcome, Buffered):
             return self.send_buffered(outcome)
         return await self.send_passthrough(request, outcome)
 
-    async def send_hit(self, request: web.Request, meta: ObjectMeta, x_cache: str) -> web.StreamResponse:
+    async def send_hit(
+        self, request: web.BaseRequest, meta: ObjectMeta, x_cache: str, ready: Ready | None = None
+    ) -> web.StreamResponse:
         headers = hit_headers(meta, x_cache)
         if _not_modified(request, meta):
             return web.Response(status=304, headers=headers)
@@ -179,20 +190,31 @@ class Responder:
                 headers.popall(name, None)
             return web.Response(status=302, headers=headers)
         start, stop = span if isinstance(span, tuple) else (0, meta.size)
-        response = web.StreamResponse(status=206 if isinstance(span, tuple) else 200, headers=headers)
+        status = 206 if isinstance(span, tuple) else 200
         if isinstance(span, tuple):
-            response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{meta.size}"
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{meta.size}"
+        head_only = request.method == "HEAD"
+        if ready is not None and ready.body is not None and not head_only:
+            # A small body kept in memory: headers and body in one write.
+            if not head_only:
+                _count(request, self._metrics, "cache", stop - start)
+            body = ready.body if stop - start == meta.size else ready.body[start:stop]
+            return web.Response(status=status, body=body, headers=headers)
+        response = web.StreamResponse(status=status, headers=headers)
         response.content_length = stop - start
         if not meta.file:
             return await self._stream_remote(request, response, meta, start, stop)
-        loop = asyncio.get_running_loop()
-        try:
-            fileobj = await loop.run_in_executor(None, open, self._store.body_path(meta), "rb")
-        except FileNotFoundError:
-            raise ObjectGone(meta) from None
+        if ready is not None:
+            fileobj = os.fdopen(os.dup(ready.fd), "rb", buffering=0)
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                fileobj = await loop.run_in_executor(None, _open_body, self._store.body_path(meta))
+            except FileNotFoundError:
+                raise ObjectGone(meta) from None
         try:
             await response.prepare(request)
-            if request.method != "HEAD" and stop > start:
+            if not head_only and stop > start:
                 await _sendfile(request, fileobj, start, stop - start)
                 _count(request, self._metrics, "cache", stop - start)
             await response.write_eof()
@@ -201,7 +223,7 @@ class Responder:
         return response
 
     async def _stream_remote(
-        self, request: web.Request, response: web.StreamResponse, meta: ObjectMeta, start: int, stop: int
+        self, request: web.BaseRequest, response: web.StreamResponse, meta: ObjectMeta, start: int, stop: int
     ) -> web.StreamResponse:
         """serve_hits: stream: the bytes from OBS through the proxy."""
         assert self._shared is not None
@@ -229,7 +251,7 @@ class Responder:
         await response.write_eof()
         return response
 
-    async def send_streaming(self, request: web.Request, streaming: Streaming) -> web.StreamResponse:
+    async def send_streaming(self, request: web.BaseRequest, streaming: Streaming) -> web.StreamResponse:
         fill, size = streaming.fill, streaming.head.size
         headers = CIMultiDict(streaming.head.headers)
         headers["Via"] = VIA
@@ -283,7 +305,7 @@ class Responder:
         headers["X-Cache"] = buffered.x_cache
         return web.Response(status=buffered.status, body=buffered.body, headers=headers)
 
-    async def send_passthrough(self, request: web.Request, passthrough: Passthrough) -> web.StreamResponse:
+    async def send_passthrough(self, request: web.BaseRequest, passthrough: Passthrough) -> web.StreamResponse:
         upstream = passthrough.response
         try:
             headers = end_to_end(upstream.headers)

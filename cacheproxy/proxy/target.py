@@ -67,3 +67,22 @@ def classify(raw_target: str, origin: str | None = None) -> Target:
             raise BadUrl(f"no host after {scheme}:// in {raw_target[:200]!r}")
         return Target("in_path", parse_origin_url(f"{scheme}://{rest}"))
     raise BadRequest(USAGE)
+
+
+class TargetCache:
+    """:func:`classify` remembered for the request targets seen last: a build farm asks for the
+    same URLs again and again, and a hit should not parse its URL every time."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._known: dict[tuple[str, str | None], Target] = {}
+
+    def classify(self, raw_target: str, origin: str | None = None) -> Target:
+        key = (raw_target, origin)
+        found = self._known.get(key)
+        if found is None:
+            found = classify(raw_target, origin)
+            if len(self._known) >= self._size:
+                self._known.clear()
+            self._known[key] = found
+        return found

@@ -1,0 +1,118 @@
+"""Bodies of recently hit objects, kept ready so that a hit costs no file open.
+
+A build farm asks for the same archives again and again. The first hit of an object answers
+from the store as usual while, in the I/O pool, its body is read into memory (small objects, up
+to ``SMALL_BODY``, within ``MEMORY_BUDGET`` in all) or its file is opened and held (larger
+ones, up to ``OPEN_FILES``). Later hits take the body from here: from memory in one write, or
+with sendfile from a duplicate of the held descriptor.
+
+A held descriptor also tells when another worker removed the object (its link count drops to
+0): then the entry is dropped and the object forgotten, and the caller looks it up afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+from collections.abc import Callable
+
+from ..storage.base import ObjectMeta
+from ..storage.local import LocalStore
+
+SMALL_BODY = 64 << 10  # bodies up to this size are kept in memory ...
+MEMORY_BUDGET = 32 << 20  # ... up to this much in all
+OPEN_FILES = 512  # objects kept ready (each holds its body file open)
+
+
+class Ready:
+    """One object's body, ready to go out: in memory (``body``) or as an open file (``fd``)."""
+
+    __slots__ = ("body", "fd", "signature")
+
+    def __init__(self, meta: ObjectMeta, body: bytes | None, fd: int) -> None:
+        self.signature = _signature(meta)
+        self.body = body
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _signature(meta: ObjectMeta) -> tuple[int, str, float]:
+    return id(meta), meta.file, meta.response_time
+
+
+class HotBodies:
+    def __init__(self, store: LocalStore, forget: Callable[[ObjectMeta], None]) -> None:
+        self._store = store
+        self._forget = forget
+        self._ready: collections.OrderedDict[str, Ready] = collections.OrderedDict()
+        self._memory = 0
+        self._warming: dict[str, asyncio.Task[None]] = {}
+
+    def get(self, meta: ObjectMeta) -> Ready | None:
+        """The body of ``meta`` if it is ready; None (and made ready for next time) otherwise.
+
+        Raise FileNotFoundError when another worker removed the object (it is forgotten here).
+        """
+        if not meta.file:
+            return None  # only the shared store has it
+        key = meta.key
+        ready = self._ready.get(key)
+        if ready is None or ready.signature != _signature(meta):
+            if ready is not None:
+                self._drop(key)
+            if key not in self._warming:
+                self._warming[key] = asyncio.get_running_loop().create_task(self._load(meta))
+            return None
+        if os.fstat(ready.fd).st_nlink == 0:
+            self._drop(key)
+            self._forget(meta)
+            raise FileNotFoundError(meta.file)
+        self._ready.move_to_end(key)
+        return ready
+
+    async def _load(self, meta: ObjectMeta) -> None:
+        store = self._store
+        try:
+            fd = await store.run(os.open, store.body_path(meta), os.O_RDONLY | os.O_CLOEXEC)
+            body = None
+            if meta.size <= SMALL_BODY:
+                try:
+                    body = await store.run(os.pread, fd, meta.size + 1, 0)
+                except OSError:
+                    os.close(fd)
+                    raise
+                if len(body) != meta.size:
+                    os.close(fd)
+                    return
+            ready = Ready(meta, body, fd)
+        except OSError:
+            return
+        finally:
+            self._warming.pop(meta.key, None)
+        self._drop(meta.key)
+        self._ready[meta.key] = ready
+        self._memory += len(ready.body or b"")
+        while self._memory > MEMORY_BUDGET or len(self._ready) > OPEN_FILES:
+            self._drop(next(iter(self._ready)))
+
+    def _drop(self, key: str) -> None:
+        ready = self._ready.pop(key, None)
+        if ready is None:
+            return
+        self._memory -= len(ready.body or b"")
+        ready.close()
+
+    def discard(self, key: str) -> None:
+        """The object was purged or replaced here."""
+        self._drop(key)
+
+    def close(self) -> None:
+        for task in self._warming.values():
+            task.cancel()
+        for key in list(self._ready):
+            self._drop(key)

@@ -1,0 +1,297 @@
+"""The front door: the one protocol that owns every client connection.
+
+Every connection accepted on a listening socket, and the decrypted stream of every intercepted
+CONNECT, is a :class:`FrontDoor`: aiohttp's request handler, whose llhttp parser is strict (bare
+CR or LF, NUL bytes, a repeated ``Host``, obsolete line folding, ``Transfer-Encoding`` beside
+``Content-Length`` are refused) and enforces the head limits, with what belongs at the door added:
+
+- ``limits.max_connections``: a connection beyond it gets ``503`` and is closed;
+- ``proxy_protocol``: the PROXY header must come first; its address is the client's;
+- ``limits.head_timeout``: a request head must be complete this long after its first byte (or
+  after the connection opened); otherwise ``408`` and close (slow clients, slowloris);
+- a malformed head is answered with cacheproxy's own error (``400``, or ``431`` when too large)
+  and one access-log line, never a traceback.
+
+Every parsed request then goes to the one pipeline (:mod:`.pipeline`), whatever answers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from ..config import Config
+from ..errors import BadRequest, HeadTimeout, HeadTooLarge, Overloaded, ProxyError, error_response, raw_error_response
+from ..ops.logging import redact
+from ..ops.observe import Observation, Observer
+from .proxy_protocol import ProxyHeaderError, parse_proxy_header
+
+log = logging.getLogger(__name__)
+
+# Request head limits (SPEC section 6: 431 beyond them).
+MAX_LINE_SIZE = 8 << 10
+MAX_FIELD_SIZE = 8 << 10
+MAX_HEADERS = 100
+KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection closes after this long
+
+
+class TunnelEnd:
+    """The client side of a CONNECT tunnel: what the connection it took over reports (:mod:`.connect`)."""
+
+    def client_data(self, data: bytes) -> None: ...
+
+    def client_eof(self) -> bool:
+        """The client half-closed; True keeps the connection open for the other direction."""
+        return False
+
+    def client_lost(self) -> None: ...
+
+    def client_paused(self) -> None: ...
+
+    def client_resumed(self) -> None: ...
+
+
+class Door:
+    """What the connections of one process share: the counts and settings of the door."""
+
+    def __init__(self, config: Config, observe: Observer) -> None:
+        limits = config.limits
+        self.max_connections = math.ceil(limits.max_connections / config.workers)  # per worker process
+        self.head_timeout = limits.head_timeout
+        self.proxy_protocol = config.proxy_protocol
+        self.observe = observe
+        self.open_connections = 0
+        self._warned_no_header = False
+
+    def warn_no_header_once(self, client: str, reason: str) -> None:
+        if not self._warned_no_header:
+            self._warned_no_header = True
+            log.warning(
+                "connection from %s without a PROXY protocol header closed (%s); proxy_protocol is on, "
+                "so every connection must come through the gateway (further ones: access log only)",
+                client,
+                reason,
+            )
+
+
+class FrontDoor(RequestHandler):
+    """One client connection (or the decrypted stream inside an intercepted CONNECT)."""
+
+    def __init__(self, manager: DoorServer, *, door: Door, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.door = door
+        self.server = manager
+        self.client_ip = ""  # the peer, or the PROXY header's source address
+        self.origin: str | None = None  # inside an intercepted CONNECT: https://host[:port]
+        self.tunnel: TunnelEnd | None = None  # set while a CONNECT tunnel owns the connection
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self._counted = False
+        self._refused = False
+        self._awaiting_proxy_header = False
+        self._proxy_buffer = b""
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._busy = False  # a request is being handled
+
+    # -- the connection -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        door = self.door
+        inner = self.origin is not None  # counted, checked and timed as its CONNECT's connection
+        if not self.client_ip:
+            peer = transport.get_extra_info("peername")
+            self.client_ip = peer[0] if peer else ""
+        if not inner:
+            if door.open_connections >= door.max_connections:
+                self._refused = True
+                limit = f"more than {door.max_connections} connections (limits.max_connections)"
+                self._refuse(transport, Overloaded(limit))
+                return
+            door.open_connections += 1
+            self._counted = True
+            self._awaiting_proxy_header = door.proxy_protocol
+        super().connection_made(transport)
+        if not inner:
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._refused:
+            return
+        if self._counted:
+            self._counted = False
+            self.door.open_connections -= 1
+        self._cancel_head_timer()
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.client_lost()
+        super().connection_lost(exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _refuse(self, transport: asyncio.BaseTransport, exc: ProxyError, method: str = "-") -> None:
+        """Answer ``exc`` on a connection no request handler serves, and close it."""
+        assert isinstance(transport, asyncio.Transport)
+        if not transport.is_closing():
+            transport.write(raw_error_response(exc))
+            transport.close()
+        self.door.observe(Observation(self.client_ip, method, "-", exc.status, 0, "", 0.0, exc.code, result="error"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.client_data(data)
+            return
+        if self._awaiting_proxy_header:
+            data = self._take_proxy_header(data)
+            if not data:
+                return
+        if self._head_timer is None and not self._busy:
+            self._arm_head_timer()
+        super().data_received(data)
+
+    def _take_proxy_header(self, data: bytes) -> bytes:
+        """Consume the PROXY header; return what follows it (b"" while it is incomplete)."""
+        buffer = self._proxy_buffer + data
+        try:
+            parsed = parse_proxy_header(buffer)
+        except ProxyHeaderError as exc:
+            self._awaiting_proxy_header = False
+            self.door.warn_no_header_once(self.client_ip, str(exc))
+            if self.transport is not None:
+                self._refuse(self.transport, BadRequest(str(exc), code="bad_proxy_header"))
+            self.force_close()
+            return b""
+        if parsed is None:
+            self._proxy_buffer = buffer
+            return b""
+        length, address = parsed
+        if address is not None:
+            self.client_ip = address
+        self._awaiting_proxy_header = False
+        self._proxy_buffer = b""
+        return buffer[length:]
+
+    # -- the head timer -----------------------------------------------------------------------
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(self.door.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport is None or self._busy:
+            return
+        self._refuse(
+            self.transport,
+            HeadTimeout(f"the request head was not complete within {self.door.head_timeout:g}s (limits.head_timeout)"),
+        )
+        self.force_close()
+
+    def request_started(self) -> None:
+        """The pipeline took a request: its head is complete."""
+        self._cancel_head_timer()
+        self._busy = True
+
+    def request_finished(self) -> None:
+        self._busy = False
+
+    # -- a tunnel owning the connection -------------------------------------------------------
+
+    def early_bytes(self) -> bytes:
+        """What the client sent after its CONNECT head (the parser keeps it aside)."""
+        return bytes(self._message_tail)
+
+    def take_over(self, tunnel: TunnelEnd) -> None:
+        """From now on the connection's bytes are the tunnel's (after what came with the CONNECT)."""
+        early, self._message_tail = self._message_tail, b""
+        self.tunnel = tunnel
+        if early:
+            tunnel.client_data(bytes(early))
+
+    def release(self) -> None:
+        """The connection was handed on (TLS interception) and has ended there: forget it here."""
+        self.connection_lost(None)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.tunnel is not None:
+            self.tunnel.client_paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.tunnel is not None:
+            self.tunnel.client_resumed()
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        if self.tunnel is not None:
+            return self.tunnel.client_eof()
+        return None
+
+    # -- malformed requests -------------------------------------------------------------------
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A head the parser refused (or, as a bug, a handler that raised): our error answer."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        error: ProxyError
+        if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)):
+            error = HeadTooLarge(
+                f"request head too large (at most {MAX_LINE_SIZE} bytes a line, {MAX_HEADERS} header fields)"
+            )
+        elif isinstance(exc, BadHttpMessage) or status == 400:
+            first_line = (message or str(exc) or "malformed request").strip().splitlines()[0]
+            error = BadRequest(f"malformed request: {first_line}")
+        else:
+            log.error("request from %s failed", self.client_ip, exc_info=exc)  # a bug, not the client's
+            error = ProxyError("internal error")
+        if exc is not None:
+            log.debug("refused request from %s: %s", self.client_ip, redact(str(exc)))
+        self.door.observe(
+            Observation(self.client_ip, "-", "-", error.status, 0, "", 0.0, error.code, result="error")
+        )
+        response = error_response(request, error)
+        response.force_close()
+        return response
+
+
+class DoorServer(web.Server):
+    """aiohttp's low-level server whose connections are :class:`FrontDoor` s."""
+
+    def __init__(
+        self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], door: Door, **kwargs: Any
+    ) -> None:
+        self._door_kwargs: dict[str, Any] = dict(
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            max_line_size=MAX_LINE_SIZE,
+            max_field_size=MAX_FIELD_SIZE,
+            max_headers=MAX_HEADERS,
+            access_log=None,
+            **kwargs,
+        )
+        super().__init__(handler, **self._door_kwargs)
+        self.door = door
+
+    def __call__(self) -> FrontDoor:
+        return FrontDoor(self, door=self.door, loop=self._loop, **self._door_kwargs)
+
+    def inner(self, origin: str, client_ip: str) -> FrontDoor:
+        """A door for the decrypted stream of an intercepted CONNECT from ``client_ip``."""
+        door = self()
+        door.origin = origin
+        door.client_ip = client_ip
+        return door

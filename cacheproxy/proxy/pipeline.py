@@ -1,0 +1,124 @@
+"""The one pipeline every request goes through, whichever part of cacheproxy answers it.
+
+client address (the door's: PROXY header or peer; then a trusted proxy's ``X-Forwarded-For``)
+→ client check → route: the proxy's own endpoints, ``CONNECT``, or a proxied request → limits →
+answer → one observation (request metrics and the access line, :mod:`..ops.observe`).
+
+A fresh hit is one branch of the answer (its body ready in memory or as an open file), not a
+second server; requests inside an intercepted CONNECT come through here too, with their origin.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+from yarl import URL
+
+from ..errors import Denied, MethodNotAllowed, NotFound, ProxyError, error_response
+from ..guard.limits import ClientLimits
+from ..ops.observe import Observation, Observer
+from ..state import AppState
+from . import connect
+from .door import FrontDoor
+from .respond import SENT, ObjectGone
+from .target import TargetCache
+
+log = logging.getLogger(__name__)
+
+READ_METHODS = frozenset({"GET", "HEAD"})
+Service = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class Pipeline:
+    """The request handler of every :class:`~.door.FrontDoor`."""
+
+    def __init__(self, state: AppState, services: Mapping[str, Service], observe: Observer) -> None:
+        self.state = state
+        self.services = services
+        self.observe = observe
+        self.limits = ClientLimits(state.config.limits)
+        self.targets = TargetCache()
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        door = request.protocol
+        assert isinstance(door, FrontDoor)
+        door.request_started()
+        started = time.monotonic()
+        raw = request.raw_path
+        target = door.origin + raw if door.origin is not None and raw.startswith("/") else raw
+        record = Observation(door.client_ip, request.method, target, 0, 0, "", 0.0)
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._route(request, door, record)
+            return response
+        except ProxyError as exc:
+            record.error = exc.code
+            record.result = "denied" if isinstance(exc, Denied) else "error"
+            response = error_response(request, exc)
+            if request.method == "CONNECT":
+                response.force_close()  # the bytes after a refused CONNECT are not HTTP
+            return response
+        except ConnectionError:  # the client went away mid-answer: nothing left to tell it
+            record.error = "client_gone"
+            response = None
+            return web.Response(status=499)
+        finally:
+            door.request_finished()
+            if not record.reported:  # a CONNECT that took its connection over reported itself
+                record.status = response.status if response is not None else 499
+                record.bytes = request.get(SENT, 0) or (response.content_length or 0 if response is not None else 0)
+                if not record.x_cache and response is not None:
+                    record.x_cache = response.headers.get("X-Cache", "")
+                record.seconds = time.monotonic() - started
+                self.observe(record)
+
+    async def _route(self, request: web.BaseRequest, door: FrontDoor, record: Observation) -> web.StreamResponse:
+        state = self.state
+        client = state.access.client_from(door.client_ip, request.headers.get("X-Forwarded-For", ""))
+        record.client = client
+        state.access.check_client(client)
+        if request.method == "CONNECT":
+            if door.origin is not None:
+                raise MethodNotAllowed("CONNECT inside an intercepted CONNECT is not supported")
+            self.limits.take(client)
+            record.result = "tunnel"
+            return await connect.serve(request, door, state, self.limits, record, self.observe)
+        found = self.targets.classify(request.raw_path, door.origin)
+        if found.url is None:  # the proxy's own endpoints
+            record.result = None
+            return await self._service(request)
+        self.limits.take(client)
+        with self.limits.in_flight(client):
+            response = await proxy_request(request, state, found.url)
+        record.result = response.headers.get("X-Cache", "MISS").lower()
+        return response
+
+    async def _service(self, request: web.BaseRequest) -> web.StreamResponse:
+        handler = self.services.get(request.path)
+        if handler is None:
+            raise NotFound(f"no such endpoint: {request.path[:200]}")
+        if request.method not in READ_METHODS:
+            raise MethodNotAllowed(f"{request.method} is not allowed here", headers={"Allow": "GET, HEAD"})
+        return await handler(request)
+
+
+async def proxy_request(request: web.BaseRequest, state: AppState, url: URL) -> web.StreamResponse:
+    state.access.check_url(url)
+    if request.method in READ_METHODS:
+        outcome = await state.cache.get(url, request.method, request.headers)
+        try:
+            return await state.responder.send(request, outcome)
+        except ObjectGone as gone:
+            state.cache.forget(gone.meta)
+            outcome = await state.cache.get(url, request.method, request.headers)
+            return await state.responder.send(request, outcome)
+    if not state.config.rules.allow_other_methods:
+        raise MethodNotAllowed(
+            f"{request.method} is not allowed (only GET and HEAD; see rules.allow_other_methods)",
+            headers={"Allow": "GET, HEAD"},
+        )
+    passthrough = await state.cache.forward(url, request.method, request.headers, request.content)
+    return await state.responder.send_passthrough(request, passthrough)
