@@ -479,7 +479,46 @@ def _check(config: Config) -> list[tuple[str, str]]:
     email = config.alerts.email
     if email.host and (not email.from_ or not email.to):
         problems.append(("alerts.email", "from and to are required when host is set"))
+    problems.extend(_not_implemented(config))
     return problems
+
+
+# Keys of SPEC.md that this version parses but cannot act on yet: setting one is an error rather
+# than a setting that silently does nothing. (Their defaults are accepted, so a full sample config
+# still loads.)
+_NOT_IMPLEMENTED = {
+    "alerts": "alerts are not sent by this version",
+    "admin.tokens": "there is no admin API in this version",
+}
+
+
+def _not_implemented(config: Config) -> list[tuple[str, str]]:
+    problems = []
+    defaults = Config()
+    for dotted, what in _NOT_IMPLEMENTED.items():
+        value: Any = config
+        default: Any = defaults
+        for part in dotted.split("."):
+            value, default = getattr(value, part), getattr(default, part)
+        if value == default:
+            continue
+        if dataclasses.is_dataclass(value):  # name the keys that were set
+            for key in _changed(value, default, dotted):
+                problems.append((key, f"not implemented: {what}; leave it unset"))
+        else:
+            problems.append((dotted, f"not implemented: {what}; leave it unset"))
+    return problems
+
+
+def _changed(value: Any, default: Any, prefix: str) -> list[str]:
+    keys = []
+    for f in dataclasses.fields(value):
+        mine, theirs = getattr(value, f.name), getattr(default, f.name)
+        if mine == theirs:
+            continue
+        key = f"{prefix}.{_yaml_name(f)}"
+        keys.extend(_changed(mine, theirs, key) if dataclasses.is_dataclass(mine) else [key])
+    return keys
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -531,6 +570,22 @@ def mask_secret(value: str | None) -> str | None:
     return None if value is None else "***"
 
 
+_SECRET_PARAM = re.compile(r"token|key|secret|pass|auth|sig|credential", re.I)
+
+
+def mask_url(text: str) -> str:
+    """A URL with its password and secret-looking query parameters (``?token=``) masked."""
+    try:
+        url = URL(text)
+    except ValueError:
+        return text
+    if url.password:
+        url = url.with_password("***")
+    if url.query and any(_SECRET_PARAM.search(k) for k in url.query):
+        url = url.with_query([(k, "***" if _SECRET_PARAM.search(k) else v) for k, v in url.query.items()])
+    return str(url)
+
+
 def to_plain(obj: Any, name: str = "") -> Any:
     """The effective config as plain data, secrets masked (for check-config and the status page)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -547,11 +602,10 @@ def to_plain(obj: Any, name: str = "") -> Any:
         return mask_secret(obj)
     if name == "headers" and isinstance(obj, dict):
         return {k: ("***" if _SECRET_HEADER.search(k) else v) for k, v in obj.items()}
-    if name == "parent_proxy" and isinstance(obj, str):
-        url = URL(obj)
-        return str(url.with_password("***")) if url.password else obj
+    if isinstance(obj, str) and "://" in obj:
+        return mask_url(obj)
     if isinstance(obj, (tuple, list)):
-        return [to_plain(v) for v in obj]
+        return [to_plain(v, name) for v in obj]
     if isinstance(obj, re.Pattern):
         return obj.pattern
     if isinstance(obj, float) and math.isinf(obj):

@@ -88,7 +88,9 @@ async def test_check_config_prints_effective_config_with_secrets_masked(tmp_path
     good = tmp_path / "good.yaml"
     good.write_text(
         "storage:\n  backend: obs\n  obs:\n    endpoint: http://127.0.0.1:1\n"
-        "    access_key_id: AKID\n    secret_access_key: ${TEST_SECRET_SK}\nadmin: {tokens: [tok123]}\n"
+        "    access_key_id: AKID\n    secret_access_key: ${TEST_SECRET_SK}\n"
+        "upstream:\n  parent_proxy: http://squid:parentpw1@127.0.0.1:3\n"
+        "  mirrors: [[https://m1.example/gnu/, 'https://mirror:mirrorpw2@m2.example/gnu/?token=tokpw3&x=1']]\n"
     )
     env = {**os.environ, "TEST_SECRET_SK": "very-secret-value"}
     result = await run(sys.executable, "-m", "cacheproxy", "check-config", "-c", str(good), env=env)
@@ -96,8 +98,26 @@ async def test_check_config_prints_effective_config_with_secrets_masked(tmp_path
     effective = yaml.safe_load(result.stdout)
     assert effective["storage"]["obs"]["endpoint"] == "http://127.0.0.1:1"
     assert effective["listen"] == ["127.0.0.1:3128"] and effective["cache"]["dir"] == "cache"
-    assert b"very-secret-value" not in result.stdout and b"tok123" not in result.stdout
-    assert b"AKID" not in result.stdout
+    assert b"very-secret-value" not in result.stdout and b"AKID" not in result.stdout
+    for secret in (b"parentpw1", b"mirrorpw2", b"tokpw3"):
+        assert secret not in result.stdout
+    assert effective["upstream"]["mirrors"][0][1].startswith("https://mirror:")  # the rest of the URL stays
+    assert "x=1" in effective["upstream"]["mirrors"][0][1]
+
+
+async def test_keys_that_do_nothing_yet_are_refused(tmp_path: Path) -> None:
+    """A key that is accepted but ignored is a defect: alerts and admin tokens are refused until built."""
+    config = tmp_path / "c.yaml"
+    config.write_text("alerts: {failure_threshold: 5, webhook: {url: 'http://hook.example/x'}}\nadmin: {tokens: [t]}\n")
+    result = await run(sys.executable, "-m", "cacheproxy", "check-config", "-c", str(config))
+    assert result.rc == 2
+    for key in ("alerts.failure_threshold", "alerts.webhook.url", "admin.tokens"):
+        assert f"{config}:{key}: not implemented" in result.stderr
+    result = await run(sys.executable, "-m", "cacheproxy", "serve", "-c", str(config))
+    assert result.rc == 2 and "not implemented" in result.stderr
+    sample = Path(__file__).parent.parent / "conf" / "cacheproxy.yaml"  # defaults written out are fine
+    result = await run(sys.executable, "-m", "cacheproxy", "check-config", "-c", str(sample))
+    assert result.rc == 0, result.stderr
 
 
 async def test_kill_9_during_fill_leaves_no_partial_object(origin: Origin, tmp_path: Path) -> None:
