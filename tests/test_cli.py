@@ -243,3 +243,33 @@ async def test_ca_init_and_a_config_that_uses_it(tmp_path: Path) -> None:
     checked = await run(sys.executable, "-m", "cacheproxy", "check-config", "-c", str(config))
     assert checked.rc == 2
     assert "tls_intercept.ca_key" in checked.stderr and "Traceback" not in checked.stderr
+
+
+async def test_default_log_settings_write_access_lines_to_stderr_with_secrets_masked(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """log.access_log "-": the access lines reach standard error (what systemd and docker keep),
+    through the same writer thread as a file; a malformed request is one line, no traceback."""
+    origin.add("/e.tar.gz", body=b"e" * 10)
+    port = free_port()
+    config = write_config(tmp_path, port)
+    async with cacheproxy_process(config, port) as process:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(origin.url("/e.tar.gz"), proxy=f"http://127.0.0.1:{port}") as response:
+                assert response.status == 200
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET http://user:hunter2@127.0.0.1:1/x HTTP/1.1\nHost: x\n\n")
+        assert (await reader.read()).split(b" ")[1] == b"400"
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /http:/user:hunter3@127.0.0.1:{port + 1}/y.tar.gz HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        await asyncio.sleep(1.0)  # the writer thread flushes every 0.5 s
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    text = stderr.decode()
+    assert f'"GET {origin.url("/e.tar.gz")}" 200 10 MISS' in text
+    assert '"- -" 400 0 - ' in text and text.count(" bad_request") == 1
+    assert "user:***@127.0.0.1" in text and "/http:/user:***@" in text
+    assert "hunter2" not in text and "hunter3" not in text and "Traceback" not in text

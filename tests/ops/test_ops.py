@@ -75,3 +75,14 @@ async def test_retries_counted(make_proxy: MakeProxy, origin: Origin) -> None:
     origin.add("/r.tar.gz", body=b"r", fail_first=2)
     await proxy.get(origin.url("/r.tar.gz"))
     assert "cacheproxy_upstream_retries_total 2.0" in proxy.state.metrics.render()[0].decode()
+
+
+def test_passwords_in_urls_are_masked_in_every_logger(caplog: pytest.LogCaptureFixture) -> None:
+    """Redaction is installed for all loggers (aiohttp's too) and every URL form, folded ones included."""
+    caplog.set_level(logging.DEBUG)
+    for name in ("aiohttp.server", "aiohttp.access", "cacheproxy.proxy", "some.library"):
+        logging.getLogger(name).warning("GET %s", "http://user:pw1@host/x ftp://u:pw2@h/y /https:/u:pw3@h/z")
+        logging.getLogger(name).warning("plain http://user:pw4@host/x")
+    assert "user:***@host" in caplog.text and "/https:/u:***@h/z" in caplog.text
+    for secret in ("pw1", "pw2", "pw3", "pw4"):
+        assert secret not in caplog.text
