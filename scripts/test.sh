@@ -5,9 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for tool in wget curl; do
+for tool in wget curl nginx; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+# nginx's stream module (the gateway tests: CONNECT and PROXY protocol pass through it)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing+=("libnginx-mod-stream")
 if ((${#missing[@]})); then
     echo "installing Debian packages: ${missing[*]}"
     sudo=""

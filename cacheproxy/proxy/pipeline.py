@@ -23,7 +23,7 @@ from ..ops.observe import Observation, Observer
 from ..state import AppState
 from . import connect
 from .door import FrontDoor
-from .respond import SENT, ObjectGone
+from .respond import ANSWERED, SENT, ObjectGone
 from .target import TargetCache
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Pipeline:
             return response
         except ConnectionError:  # the client went away mid-answer: nothing left to tell it
             record.error = "client_gone"
-            response = None
+            response = request.get(ANSWERED)
             return web.Response(status=499)
         finally:
             door.request_finished()

@@ -34,6 +34,13 @@ from ..upstream.http import BODY_ERRORS, end_to_end
 log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 20
 SENT = web.RequestKey("sent", int)  # body bytes sent, for the access log
+ANSWERED = web.RequestKey("answered", web.StreamResponse)  # the response whose head went out
+
+
+async def _prepare(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Send the head; from now on the access log names this response even if the client leaves."""
+    request[ANSWERED] = response
+    await response.prepare(request)
 
 
 class ObjectGone(Exception):
@@ -213,7 +220,7 @@ class Responder:
             except FileNotFoundError:
                 raise ObjectGone(meta) from None
         try:
-            await response.prepare(request)
+            await _prepare(request, response)
             if not head_only and stop > start:
                 await _sendfile(request, fileobj, start, stop - start)
                 _count(request, self._metrics, "cache", stop - start)
@@ -232,7 +239,7 @@ class Responder:
             first = await anext(pieces) if request.method != "HEAD" and stop > start else b""
         except ObsUnavailable as exc:
             raise UpstreamFailed(f"the shared store failed: {exc}") from None
-        await response.prepare(request)
+        await _prepare(request, response)
         if request.method == "HEAD" or stop <= start:
             await response.write_eof()
             return response
@@ -269,7 +276,7 @@ class Responder:
         response = web.StreamResponse(status=status, headers=headers)
         if stop is not None:
             response.content_length = stop - start
-        await response.prepare(request)
+        await _prepare(request, response)
         if request.method == "HEAD":
             await response.write_eof()
             return response
@@ -314,7 +321,7 @@ class Responder:
             response = web.StreamResponse(status=upstream.status, headers=headers)
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
-            await response.prepare(request)
+            await _prepare(request, response)
             if request.method == "HEAD" or upstream.status in (204, 304):
                 await response.write_eof()
                 return response

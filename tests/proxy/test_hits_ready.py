@@ -1,0 +1,138 @@
+"""Hits whose body the cache keeps ready (in memory, or as an open file): the same answers as
+any hit, on keep-alive connections, across workers, counted and logged like every request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from yarl import URL
+
+from cacheproxy.cache.hot import SMALL_BODY
+
+from ..conftest import MakeProxy, Proxy
+from ..origin import Origin
+from ..raw import Connection, get
+
+
+async def stored(proxy: Proxy, origin: Origin, path: str, size: int) -> tuple[str, bytes]:
+    body = os.urandom(size)
+    origin.add(path, body=body)
+    await proxy.get(origin.url(path))
+    await proxy.wait_idle()
+    return origin.url(path), body
+
+
+async def ready(proxy: Proxy, url: str) -> None:
+    """Ask until the cache holds the object's body ready."""
+    key = proxy.state.cache.key_for(URL(url))
+    for _ in range(100):
+        await proxy.get(url)
+        if key in proxy.state.cache.hot._ready:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the body was never made ready")
+
+
+@pytest.mark.parametrize("size", [3000, SMALL_BODY * 3])  # in memory; an open file
+async def test_ready_hits_answer_like_any_hit(proxy: Proxy, origin: Origin, size: int) -> None:
+    url, body = await stored(proxy, origin, "/same.tar.gz", size)
+    conn = await Connection.open(proxy.port)
+    conn.send(get(url, "Cache-Control: max-age=3600"))  # not ready yet: the store answers
+    _, cold, _ = await conn.response()
+    await ready(proxy, url)
+    conn.send(get(url))
+    status, warm, got = await conn.response()
+    assert status == 200 and got == body
+    for volatile in ("date", "age"):
+        cold.pop(volatile)
+        warm.pop(volatile)
+    assert cold == warm
+    conn.send(get(url, method="HEAD"), get(url, 'If-None-Match: "v1"'), get(url, "Range: bytes=-10"))
+    status, head, _ = await conn.response(head_only=True)
+    assert status == 200 and head["content-length"] == str(size)
+    assert (await conn.response())[0] == 304
+    status, _, tail = await conn.response()
+    assert status == 206 and tail == body[-10:]
+    conn.close()
+
+
+async def test_http10_and_connection_close(proxy: Proxy, origin: Origin) -> None:
+    url, body = await stored(proxy, origin, "/ten.tar.gz", 100)
+    await ready(proxy, url)
+    conn = await Connection.open(proxy.port)
+    conn.send(get(url, version="1.0"))
+    status, _, got = await conn.response()
+    assert status == 200 and got == body
+    assert await conn.closed()
+    conn = await Connection.open(proxy.port)
+    conn.send(get(url, "Connection: keep-alive", version="1.0"), get(url, "Connection: close"))
+    _, headers, _ = await conn.response()
+    assert headers["connection"] == "keep-alive"
+    _, headers, got = await conn.response()
+    assert headers["connection"] == "close" and got == body
+    assert await conn.closed()
+
+
+async def test_denied_clients_and_hosts_are_refused_on_hits_too(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Path
+) -> None:
+    proxy = await make_proxy(tmp_path / "shared")
+    url, _ = await stored(proxy, origin, "/deny.tar.gz", 100)
+    closed = await make_proxy(tmp_path / "shared", rules__allow_clients=["10.0.0.0/8"])
+    response, _ = await closed.get(url)
+    assert response.status == 403 and response.headers["X-Cacheproxy-Error"] == "client_denied"
+    hosts = await make_proxy(tmp_path / "shared", rules__deny_upstream_hosts=["127.0.0.*"])
+    response, _ = await hosts.get(url)
+    assert response.status == 403 and response.headers["X-Cacheproxy-Error"] == "host_denied"
+
+
+async def test_hits_are_counted_and_logged(proxy: Proxy, origin: Origin, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "cacheproxy.access")
+    url, _ = await stored(proxy, origin, "/count.tar.gz", 700)
+    await ready(proxy, url)
+    caplog.clear()
+    before = proxy.state.metrics.requests.labels("hit")._value.get()
+    conn = await Connection.open(proxy.port)
+    conn.send(get(url), get(url), get(url))
+    for _ in range(3):
+        await conn.response()
+    conn.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "cacheproxy.access"]
+    assert len(lines) == 3 and all(line.startswith(f'127.0.0.1 "GET {url}" 200 700 HIT') for line in lines)
+    assert proxy.state.metrics.requests.labels("hit")._value.get() == before + 3
+
+
+async def test_client_leaving_mid_answer_is_not_an_error(
+    proxy: Proxy, origin: Origin, caplog: pytest.LogCaptureFixture
+) -> None:
+    url, _ = await stored(proxy, origin, "/leave.tar.gz", 32 << 20)
+    await ready(proxy, url)
+    for extra in ((), ("Range: bytes=0-",)):
+        conn = await Connection.open(proxy.port)
+        conn.send(get(url, *extra))
+        await conn.reader.readexactly(100_000)
+        conn.writer.transport.abort()  # reset, mid-body
+        await asyncio.sleep(0.3)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    response, body = await proxy.get(url)  # and the proxy serves on
+    assert response.status == 200 and len(body) == 32 << 20
+
+
+async def test_ready_object_removed_by_another_worker_is_not_served(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Path
+) -> None:
+    a = await make_proxy(tmp_path / "shared")
+    b = await make_proxy(tmp_path / "shared")
+    url, body = await stored(a, origin, "/peer.tar.gz", SMALL_BODY * 2)
+    await ready(b, url)  # b found a's object in the store and holds its file open
+    meta = a.state.cache.index.get(a.state.cache.key_for(URL(url)))
+    assert meta is not None
+    await a.state.cache.purge(meta)
+    response, got = await b.get(url)
+    assert response.status == 200 and got == body and response.headers["X-Cache"] == "MISS"
+    assert origin.hits("/peer.tar.gz") == 2
