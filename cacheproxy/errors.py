@@ -13,6 +13,7 @@ from aiohttp import web
 
 ERROR_HEADER = "X-Cacheproxy-Error"
 VIA = "1.1 cacheproxy"
+SERVER = "cacheproxy"  # on answers cacheproxy makes itself (hits, errors); never a version
 
 
 class ProxyError(Exception):
@@ -104,7 +105,7 @@ class TransferAborted(Exception):
 
 
 def error_response(request: web.BaseRequest, exc: ProxyError) -> web.Response:
-    headers = {ERROR_HEADER: exc.code, "Via": VIA, **exc.headers}
+    headers = {ERROR_HEADER: exc.code, "Via": VIA, "Server": SERVER, **exc.headers}
     if "application/json" in request.headers.get("Accept", ""):
         body = json.dumps({"error": exc.code, "status": exc.status, "reason": exc.reason}) + "\n"
         return web.Response(status=exc.status, text=body, content_type="application/json", headers=headers)
@@ -123,6 +124,7 @@ def raw_error_response(exc: ProxyError) -> bytes:
     headers = {
         ERROR_HEADER: exc.code,
         "Via": VIA,
+        "Server": SERVER,
         **exc.headers,
         "Content-Type": "text/plain; charset=utf-8",
         "Content-Length": str(len(body)),

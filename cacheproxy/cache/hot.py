@@ -7,7 +7,9 @@ ones, up to ``OPEN_FILES``). Later hits take the body from here: from memory in 
 with sendfile from a duplicate of the held descriptor.
 
 A held descriptor also tells when another worker removed the object (its link count drops to
-0): then the entry is dropped and the object forgotten, and the caller looks it up afresh.
+0), looked at once a second at most: then the entry is dropped and the object forgotten, and the
+caller looks it up afresh. Until that look, this worker may still answer with the body it holds
+(the right bytes of an object another worker evicted a moment ago).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import time
 from collections.abc import Callable
 
 from ..storage.base import ObjectMeta
@@ -23,17 +26,20 @@ from ..storage.local import LocalStore
 SMALL_BODY = 64 << 10  # bodies up to this size are kept in memory ...
 MEMORY_BUDGET = 32 << 20  # ... up to this much in all
 OPEN_FILES = 512  # objects kept ready (each holds its body file open)
+RECHECK = 1.0  # seconds between looks at whether another worker removed a ready object
 
 
 class Ready:
     """One object's body, ready to go out: in memory (``body``) or as an open file (``fd``)."""
 
-    __slots__ = ("body", "fd", "signature")
+    __slots__ = ("body", "checked", "fd", "head", "signature")
 
     def __init__(self, meta: ObjectMeta, body: bytes | None, fd: int) -> None:
         self.signature = _signature(meta)
         self.body = body
         self.fd = fd
+        self.checked = time.monotonic()
+        self.head: bytes | None = None  # the unchanging part of the answer's head, made on first use
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -68,10 +74,13 @@ class HotBodies:
             if key not in self._warming:
                 self._warming[key] = asyncio.get_running_loop().create_task(self._load(meta))
             return None
-        if os.fstat(ready.fd).st_nlink == 0:
-            self._drop(key)
-            self._forget(meta)
-            raise FileNotFoundError(meta.file)
+        now = time.monotonic()
+        if now - ready.checked >= RECHECK:  # a look costs a system call: once a second is enough
+            ready.checked = now
+            if os.fstat(ready.fd).st_nlink == 0:
+                self._drop(key)
+                self._forget(meta)
+                raise FileNotFoundError(meta.file)
         self._ready.move_to_end(key)
         return ready
 

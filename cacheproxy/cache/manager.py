@@ -47,6 +47,7 @@ SNAPSHOT_AFTER = 1000  # entries read one by one at start that make a new snapsh
 SPLICERS = 32  # plain-HTTP bodies copied by threads at once (more use the event loop path)
 FOLLOW_POLL = 0.005  # seconds between looks at another worker's fill
 FOLLOW_ROUNDS = 3  # fills of other workers followed before giving up on a key
+KNOWN_KEYS = 10_000  # URLs whose cache key is remembered
 ARCHIVE = re.compile(r"\.(tar|tgz|tbz2?|txz|gz|xz|bz2|zst|lz|lzma|zip|7z|rpm|srpm|deb|jar|gem|crate|whl)$", re.I)
 
 
@@ -83,6 +84,7 @@ class Cache:
         self.rules = config.refresh_rules
         self.fills: dict[str, Fill] = {}
         self.hot = HotBodies(store, self.forget)
+        self._keys: dict[URL, str] = {}  # cache keys of the URLs asked for last
         self.recent_failures: collections.deque[Failure] = collections.deque(maxlen=100)
         self._negative: dict[str, tuple[float, Buffered]] = {}
         self._dirty: set[str] = set()
@@ -137,7 +139,13 @@ class Cache:
     # -- lookups ------------------------------------------------------------------------------
 
     def key_for(self, url: URL) -> str:
-        return self.mirrors.key(url)
+        key = self._keys.get(url)
+        if key is None:
+            key = self.mirrors.key(url)
+            if len(self._keys) >= KNOWN_KEYS:
+                self._keys.clear()
+            self._keys[url] = key
+        return key
 
     def touch(self, meta: ObjectMeta) -> None:
         meta.last_access = time.time()
@@ -159,10 +167,31 @@ class Cache:
             self.index.remove(meta.key)
         self.hot.discard(meta.key)
 
+    def fresh(self, url: URL, headers: Mapping[str, str]) -> Hit | None:
+        """The fresh hit for this request that this process can answer at once, or None.
+
+        Raise FileNotFoundError when the object turned out removed by another worker (it is
+        forgotten here; a new lookup goes on from the store).
+        """
+        meta = self.index.get(self.key_for(url))
+        if meta is None or (meta.vary and not self._vary_matches(meta, headers)):
+            return None
+        if not is_fresh(meta.lifetime, meta.response_time, time.time()) or client_wants_revalidation(headers):
+            return None
+        ready = self.hot.get(meta)
+        self.touch(meta)
+        return Hit(meta, ready=ready)
+
     async def get(self, url: URL, method: str, headers: Mapping[str, str]) -> Outcome:
         if self.shared is not None and self.shared.is_own(url):
             # A signed URL of our own bucket, fetched through us: pass it on, never a second copy.
             return await self.bypass(url, method, headers)
+        try:
+            hit = self.fresh(url, headers)
+        except FileNotFoundError:  # another worker removed it: look again below
+            hit = None
+        if hit is not None:
+            return hit
         key = self.key_for(url)
         meta = self.index.get(key)
         if meta is None and key not in self.fills:
@@ -175,7 +204,7 @@ class Cache:
         if meta is not None and not revalidate and is_fresh(meta.lifetime, meta.response_time, time.time()):
             try:
                 ready = self.hot.get(meta)
-            except FileNotFoundError:  # another worker removed it: it is forgotten, look again
+            except FileNotFoundError:  # removed by another worker just now: fetch it again
                 return await self.get(url, method, headers)
             self.touch(meta)
             return Hit(meta, ready=ready)

@@ -25,6 +25,7 @@ class AccessRules:
         rules = config.rules
         self._clients = rules.allow_clients
         self._known_clients: dict[str, bool] = {}  # address -> allowed, for the addresses seen last
+        self._known_hosts: dict[str, bool] = {}  # upstream host -> allowed, likewise
         self._trusted = config.trusted_proxies
         self._allow_hosts = [p.lower() for p in rules.allow_upstream_hosts]
         self._deny_hosts = [p.lower() for p in rules.deny_upstream_hosts]
@@ -62,8 +63,14 @@ class AccessRules:
             raise Denied(f"URLs ending in {path.rsplit('.', 1)[-1]!r} are not served", code="suffix_denied")
 
     def check_host(self, host: str) -> None:
-        host = host.lower()
-        if any(fnmatchcase(host, p) for p in self._deny_hosts) or not any(
-            fnmatchcase(host, p) for p in self._allow_hosts
-        ):
-            raise Denied(f"upstream host {host} is not allowed", code="host_denied")
+        allowed = self._known_hosts.get(host)
+        if allowed is None:
+            name = host.lower()
+            allowed = not any(fnmatchcase(name, p) for p in self._deny_hosts) and any(
+                fnmatchcase(name, p) for p in self._allow_hosts
+            )
+            if len(self._known_hosts) >= KNOWN_CLIENTS:
+                self._known_hosts.clear()
+            self._known_hosts[host] = allowed
+        if not allowed:
+            raise Denied(f"upstream host {host.lower()} is not allowed", code="host_denied")

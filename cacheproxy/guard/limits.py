@@ -67,6 +67,11 @@ class ClientLimits:
             )
         bucket.tokens -= 1.0
 
+    def at_capacity(self, client: str) -> bool:
+        """Whether ``client`` has all its concurrent request slots taken."""
+        bucket = self._buckets.get(client)
+        return bucket is not None and bucket.in_flight >= self._concurrency
+
     @contextmanager
     def in_flight(self, client: str) -> Iterator[None]:
         """Hold one of ``client``'s concurrent request slots; RateLimited when all are taken."""

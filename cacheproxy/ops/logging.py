@@ -10,6 +10,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 from ..config import LogConfig
@@ -81,14 +82,16 @@ class _AccessFile(logging.Handler):
             self._fd = os.dup(sys.stderr.fileno())
         else:
             self._fd = os.open(filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self._pid = 0
+        self._started = False  # the writer thread runs in this process (reset in a forked child)
+        forked = weakref.WeakMethod(self._forked)
+        os.register_at_fork(after_in_child=lambda: (method := forked()) and method())
         self._wake = threading.Event()
         self._lines: collections.deque[str] = collections.deque()  # appends and pops need no lock
         self._closed = False
 
     def write_line(self, line: str) -> None:
         """The line as the text format would write it, without building a LogRecord (hot path)."""
-        if self._pid != os.getpid():
+        if not self._started:
             self._start()
         lines = self._lines
         lines.append(line)
@@ -101,8 +104,11 @@ class _AccessFile(logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def _forked(self) -> None:
+        self._started = False
+
     def _start(self) -> None:
-        self._pid = os.getpid()
+        self._started = True
         self._wake = threading.Event()  # a lock held across fork would never be released
         threading.Thread(target=self._run, name="cacheproxy-access-log", daemon=True).start()
 

@@ -13,6 +13,10 @@ CR or LF, NUL bytes, a repeated ``Host``, obsolete line folding, ``Transfer-Enco
   and one access-log line, never a traceback.
 
 Every parsed request then goes to the one pipeline (:mod:`.pipeline`), whatever answers it.
+The door has the first look at each message aiohttp's parser yields: while nothing else is in
+flight on the connection, the pipeline's synchronous branch may answer it on the spot (a plain
+fresh hit with its body in memory: no request and response objects, one write); every other
+message goes on to aiohttp's handler and the pipeline's general path, in order.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 
 from ..config import Config
@@ -56,6 +62,26 @@ class TunnelEnd:
     def client_paused(self) -> None: ...
 
     def client_resumed(self) -> None: ...
+
+
+AnswerNow = Callable[["FrontDoor", RawRequestMessage], bool]
+
+
+class _DoorParser:
+    """aiohttp's request parser (llhttp), with the door's first look at what it parsed."""
+
+    def __init__(self, parser: Any, door: FrontDoor) -> None:
+        self._parser = parser
+        self._door = door
+
+    def feed_data(self, data: bytes) -> tuple[list[tuple[Any, Any]], bool, bytes]:
+        messages, upgraded, tail = self._parser.feed_data(data)
+        if messages:
+            messages = self._door.first_look(messages)
+        return messages, upgraded, tail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
 
 
 class Door:
@@ -98,6 +124,9 @@ class FrontDoor(RequestHandler):
         self._proxy_buffer = b""
         self._head_timer: asyncio.TimerHandle | None = None
         self._busy = False  # a request is being handled
+        self._handed = 0  # messages passed on to aiohttp's handler and not answered yet
+        self._answer_now: AnswerNow | None = manager.answer_now
+        self._parser = _DoorParser(self._parser, self)  # type: ignore[assignment]
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -196,6 +225,27 @@ class FrontDoor(RequestHandler):
         )
         self.force_close()
 
+    def first_look(self, messages: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        """Answer what can be answered at once (in order: only while nothing is in flight); the
+        rest goes on to aiohttp's handler."""
+        self._cancel_head_timer()  # a head is complete
+        answer_now = self._answer_now
+        kept: list[tuple[Any, Any]] = []
+        for message, payload in messages:
+            if kept or self._handed or answer_now is None or payload is not EMPTY_PAYLOAD:
+                kept.append((message, payload))
+            elif answer_now(self, message):
+                if self._parser is not None:
+                    self._parser.message_consumed()
+                self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+                if message.should_close:
+                    self.force_close()
+                    return []
+            else:
+                kept.append((message, payload))
+        self._handed += len(kept)
+        return kept
+
     def request_started(self) -> None:
         """The pipeline took a request: its head is complete."""
         self._cancel_head_timer()
@@ -203,6 +253,7 @@ class FrontDoor(RequestHandler):
 
     def request_finished(self) -> None:
         self._busy = False
+        self._handed = max(0, self._handed - 1)
 
     # -- a tunnel owning the connection -------------------------------------------------------
 
@@ -285,6 +336,7 @@ class DoorServer(web.Server):
         )
         super().__init__(handler, **self._door_kwargs)
         self.door = door
+        self.answer_now: AnswerNow | None = getattr(handler, "answer_now", None)
 
     def __call__(self) -> FrontDoor:
         return FrontDoor(self, door=self.door, loop=self._loop, **self._door_kwargs)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
+from aiohttp.http import HttpVersion10, RawRequestMessage
 from yarl import URL
 
 from ..errors import Denied, MethodNotAllowed, NotFound, ProxyError, error_response
@@ -23,12 +24,14 @@ from ..ops.observe import Observation, Observer
 from ..state import AppState
 from . import connect
 from .door import FrontDoor
-from .respond import ANSWERED, SENT, ObjectGone
+from .respond import ANSWERED, SENT, ObjectGone, plain_hit
 from .target import TargetCache
 
 log = logging.getLogger(__name__)
 
 READ_METHODS = frozenset({"GET", "HEAD"})
+# Request headers that ask for more than the plain answer (a part, a condition, a body).
+NOT_PLAIN = ("Range", "If-Range", "If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "Expect")
 Service = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
@@ -41,6 +44,7 @@ class Pipeline:
         self.observe = observe
         self.limits = ClientLimits(state.config.limits)
         self.targets = TargetCache()
+        self._cache_bytes = state.metrics.response_bytes.labels("cache")
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         door = request.protocol
@@ -95,6 +99,44 @@ class Pipeline:
             response = await proxy_request(request, state, found.url)
         record.result = response.headers.get("X-Cache", "MISS").lower()
         return response
+
+    def answer_now(self, door: FrontDoor, message: RawRequestMessage) -> bool:
+        """The pipeline's synchronous branch, for a message the door has just parsed: a plain
+        GET/HEAD of a fresh hit whose body is in memory is answered here, in one write, and
+        observed like any request. False: the general path (``__call__``) takes the message, and
+        answers or refuses it itself, with the same steps."""
+        method = message.method
+        headers = message.headers
+        if method not in READ_METHODS or any(name in headers for name in NOT_PLAIN):
+            return False
+        started = time.monotonic()
+        state = self.state
+        try:
+            client = state.access.client_from(door.client_ip, headers.get("X-Forwarded-For", ""))
+            state.access.check_client(client)
+            found = self.targets.classify(message.path, door.origin)
+            if found.url is None:
+                return False
+            state.access.check_url(found.url)
+            hit = state.cache.fresh(found.url, headers)
+            if hit is None or hit.ready is None or self.limits.at_capacity(client):
+                return False
+            data = plain_hit(hit.meta, hit.ready, method, message.version == HttpVersion10, not message.should_close)
+            if data is None:
+                return False
+            self.limits.take(client)
+        except (ProxyError, FileNotFoundError):
+            return False
+        transport = door.transport
+        if transport is None or transport.is_closing():
+            return True  # the client is gone: nothing to answer
+        transport.write(data)
+        sent = 0 if method == "HEAD" else hit.meta.size
+        self._cache_bytes.inc(sent)
+        path = message.path
+        target = door.origin + path if door.origin is not None and path.startswith("/") else path
+        self.observe(Observation(client, method, target, 200, sent, "HIT", time.monotonic() - started, result="hit"))
+        return True
 
     async def _service(self, request: web.BaseRequest) -> web.StreamResponse:
         handler = self.services.get(request.path)

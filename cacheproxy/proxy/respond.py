@@ -24,7 +24,7 @@ from ..cache.fill import Buffered, Hit, Outcome, Passthrough, Streaming
 from ..cache.freshness import http_date
 from ..cache.hot import Ready
 from ..cache.shared import SharedTier
-from ..errors import VIA, TransferAborted, UpstreamFailed
+from ..errors import SERVER, VIA, TransferAborted, UpstreamFailed
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta
 from ..storage.local import LocalStore
@@ -123,6 +123,7 @@ def _if_range_allows(request: web.BaseRequest, meta: ObjectMeta) -> bool:
 
 
 def hit_headers(meta: ObjectMeta, x_cache: str) -> CIMultiDict[str]:
+    now = time.time()
     headers: CIMultiDict[str] = CIMultiDict()
     headers["Content-Type"] = meta.content_type or "application/octet-stream"
     for name, value in (
@@ -136,11 +137,52 @@ def hit_headers(meta: ObjectMeta, x_cache: str) -> CIMultiDict[str]:
     headers["Accept-Ranges"] = "bytes"
     headers["X-Checksum-Sha256"] = meta.sha256
     headers["X-Checksum-Md5"] = meta.md5
-    headers["Age"] = str(int(max(0.0, time.time() - meta.response_time)))
-    headers["Date"] = formatdate(usegmt=True)
+    headers["Age"] = str(int(max(0.0, now - meta.response_time)))
+    headers["Date"] = http_now(now)
+    headers["Server"] = SERVER
     headers["Via"] = VIA
     headers["X-Cache"] = x_cache
     return headers
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def http_now(now: float) -> str:
+    """The Date header for ``now`` (made once a second)."""
+    global _date_cache
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, formatdate(second, usegmt=True))
+    return _date_cache[1]
+
+
+CONNECTION = {  # (keep-alive, HTTP/1.0) -> the Connection header of a plain hit
+    (True, False): "",
+    (True, True): "Connection: keep-alive\r\n",
+    (False, False): "Connection: close\r\n",
+    (False, True): "Connection: close\r\n",
+}
+
+
+def plain_hit(meta: ObjectMeta, ready: Ready, method: str, http10: bool, keep_alive: bool) -> bytes | None:
+    """The whole answer to a plain GET/HEAD of a fresh hit whose body is in memory: the same
+    status and headers :meth:`Responder.send_hit` sends, as bytes for the connection (the door
+    writes them when nothing else is in flight on it). None when the body is not in memory."""
+    body = ready.body
+    if body is None:
+        return None
+    head = ready.head
+    if head is None:  # what does not change from one answer to the next, made once
+        headers = hit_headers(meta, "HIT")
+        for name in ("Age", "Date"):
+            del headers[name]
+        headers["Content-Length"] = str(meta.size)
+        head = ready.head = ("HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())).encode()
+    now = time.time()
+    connection = CONNECTION[keep_alive, http10]
+    tail = f"Age: {int(max(0.0, now - meta.response_time))}\r\nDate: {http_now(now)}\r\n{connection}\r\n".encode()
+    return head + tail if method == "HEAD" else b"".join((head, tail, body))
 
 
 async def _sendfile(request: web.BaseRequest, fileobj: os.PathLike[str] | object, offset: int, count: int) -> None:

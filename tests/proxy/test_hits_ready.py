@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from yarl import URL
 
-from cacheproxy.cache.hot import SMALL_BODY
+from cacheproxy.cache.hot import RECHECK, SMALL_BODY
 
 from ..conftest import MakeProxy, Proxy
 from ..origin import Origin
@@ -133,6 +133,37 @@ async def test_ready_object_removed_by_another_worker_is_not_served(
     meta = a.state.cache.index.get(a.state.cache.key_for(URL(url)))
     assert meta is not None
     await a.state.cache.purge(meta)
+    await asyncio.sleep(RECHECK + 0.1)  # b looks at the file it holds once a second at most
     response, got = await b.get(url)
     assert response.status == 200 and got == body and response.headers["X-Cache"] == "MISS"
     assert origin.hits("/peer.tar.gz") == 2
+
+
+async def test_plain_ready_hits_are_answered_by_the_door_in_order(
+    proxy: Proxy, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain hit with its body in memory is answered as soon as the door has parsed it, but
+    never ahead of an earlier request on the same connection that is still being answered."""
+    url, body = await stored(proxy, origin, "/now.tar.gz", 2000)
+    await ready(proxy, url)
+    origin.add("/slow.tar.gz", body=b"s" * 100, delay=0.5)
+    general: list[str] = []
+    send = proxy.state.responder.send
+
+    async def counted(request, outcome):  # type: ignore[no-untyped-def]
+        general.append(request.raw_path)
+        return await send(request, outcome)
+
+    monkeypatch.setattr(proxy.state.responder, "send", counted)
+    conn = await Connection.open(proxy.port)
+    conn.send(get(url), get(url, method="HEAD"))
+    assert (await conn.response())[2] == body
+    assert (await conn.response(head_only=True))[0] == 200
+    assert general == [], "plain ready hits take the door's branch"
+    conn.send(get(origin.url("/slow.tar.gz")), get(url), get(url))  # a miss first, then hits
+    assert (await conn.response())[2] == b"s" * 100
+    for _ in range(2):
+        status, headers, got = await conn.response()
+        assert status == 200 and got == body and headers["x-cache"] == "HIT"
+    assert general[0] == origin.url("/slow.tar.gz")
+    conn.close()
