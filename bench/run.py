@@ -209,20 +209,28 @@ max_filedescriptors 16384
     return Server("squid", port, proc)
 
 
-def start_cacheproxy(root: Path, workers: int, store: Path | None = None) -> tuple[Server, float]:
+def start_cacheproxy(
+    root: Path, workers: int, store: Path | None = None, access_log: str = "-", name: str = "cacheproxy"
+) -> tuple[Server, float]:
+    """cacheproxy with its default log settings (access lines on standard error, kept in a file as
+    systemd or docker would keep them), or ``access_log`` a file. The per-client limits are raised:
+    every request of the bench comes from one client address."""
     port = free_port()
     config = root / f"cacheproxy-{port}.yaml"
     config.write_text(
         f"listen: 127.0.0.1:{port}\nworkers: {workers}\n"
         f"cache: {{dir: {store or root / 'cacheproxy-store'}, max_size: 200GiB}}\n"
         "rules: {allow_private_upstreams: true}\n"
-        f"log: {{level: warning, access_log: {root / 'cacheproxy-access.log'}}}\n"
+        "limits: {per_client_rps: 1000000000, per_client_burst: 1000000000, per_client_concurrency: 100000}\n"
+        f"log: {{level: warning, access_log: '{access_log}'}}\n"
     )
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "cacheproxy", "-c", str(config)])
+    stderr = open(root / f"{name}-{port}.stderr", "wb")  # the child keeps its own descriptor
+    proc = subprocess.Popen([sys.executable, "-m", "cacheproxy", "-c", str(config)], stderr=stderr)
+    stderr.close()
     ready = f"http://127.0.0.1:{port}/_cacheproxy/readyz"
     wait_for(lambda: http_ok(ready), "cacheproxy", timeout=120)
-    return Server("cacheproxy", port, proc), time.monotonic() - started
+    return Server(name, port, proc), time.monotonic() - started
 
 
 # -- clients ----------------------------------------------------------------------------------
@@ -360,8 +368,7 @@ def make_files(root: Path, large_name: str, large_size: int) -> Path:
 def make_store(store: Path, count: int) -> None:
     """``count`` small committed objects in the local store layout, as cacheproxy writes them."""
     sys.path.insert(0, str(HERE.parent))
-    from cacheproxy.cache.keys import key_digest
-    from cacheproxy.storage.base import ObjectMeta
+    from cacheproxy.storage.base import ObjectMeta, key_digest
 
     body = b"x" * 100
     now = time.time()
@@ -414,6 +421,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         nginx, origin_log = start_nginx(root, files)
         squid = start_squid(root)
         cacheproxy, _ = start_cacheproxy(root, args.workers)
+        # The same store behind a second instance that writes its access log to a file, for hit_small.
+        filelog, _ = start_cacheproxy(
+            root, args.workers, access_log=str(root / "access.log"), name="cacheproxy_filelog"
+        )
         proxies = [squid, cacheproxy]
         for p in proxies:
             p.rss = PeakRss(p.proc.pid)
@@ -437,7 +448,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, obj, connections in (("hit_small", "4k.tar", 64), ("hit_600", "1m.tar", 600)):
                 print(name, flush=True)
                 row = {"connections": connections}
-                for label, p in (("direct", None), ("squid", squid), ("cacheproxy", cacheproxy)):
+                runs_of: list[tuple[str, Server | None]] = [
+                    ("direct", None),
+                    ("squid", squid),
+                    ("cacheproxy", cacheproxy),
+                ]
+                if name == "hit_small":
+                    assert_hit(filelog, f"{origin}/{obj}")
+                    runs_of.append(("cacheproxy_filelog", filelog))
+                for label, p in runs_of:
                     r = wrk(root, f"{origin}/{obj}", p, connections, load_seconds)
                     row |= {f"{label}_rps": r["rps"], f"{label}_p99_ms": r["p99_ms"], f"{label}_errors": r["errors"]}
                 record(name, **row)
@@ -493,7 +512,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rss[f"{p.name}_pss_mb"] = p.rss.peak_pss / 1e6
             record("rss", **rss)
         finally:
-            for server in (cacheproxy, squid, nginx):
+            for server in (cacheproxy, filelog, squid, nginx):
                 server.stop()
 
         print("startup", flush=True)
@@ -535,12 +554,15 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
             def cell(who: str, h: dict[str, Any] = h) -> str:
                 return f"{h[who + '_rps']:.0f}/s p99 {h[who + '_p99_ms']:.1f}ms err {h[who + '_errors']}"
 
+            ours = cell("cacheproxy")
+            if "cacheproxy_filelog_rps" in h:
+                ours += f" (access log to a file: {h['cacheproxy_filelog_rps']:.0f}/s)"
             rows.append(
                 (
                     f"{name} ({h['connections']} conn)",
                     cell("direct"),
                     cell("squid"),
-                    cell("cacheproxy"),
+                    ours,
                     f"{h['cacheproxy_rps'] / h['squid_rps']:.2f}x squid, "
                     f"{h['cacheproxy_rps'] / h['direct_rps']:.2f}x direct",
                     target,

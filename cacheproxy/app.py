@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .cache.manager import Cache
 from .cache.shared import SharedTier
+from .certs import Authority
 from .config import Config
 from .guard.access import AccessRules
 from .guard.ssrf import SsrfGuard
@@ -23,10 +24,8 @@ from .ops.health import endpoints
 from .ops.logging import flush_access_log
 from .ops.metrics import Metrics
 from .ops.observe import Observer
-from .proxy.certs import Authority
 from .proxy.door import Door, DoorServer
 from .proxy.pipeline import Pipeline
-from .proxy.respond import Responder
 from .state import AppState
 from .storage.local import LocalStore
 from .storage.obs import ObsStore
@@ -54,8 +53,7 @@ def build_state(config: Config) -> AppState:
     authority = None
     if config.tls_intercept.enabled:
         authority = Authority(config.tls_intercept.ca_cert, config.tls_intercept.ca_key)
-    responder = Responder(store, metrics, shared)
-    return AppState(config, metrics, access, store, upstream, cache, responder, executor, authority, shared)
+    return AppState(config, metrics, access, store, upstream, cache, executor, authority, shared)
 
 
 class App:
@@ -66,7 +64,7 @@ class App:
         self.grace = grace
         self.state = build_state(config)
         self.observe = Observer(self.state.metrics)
-        self.pipeline = Pipeline(self.state, endpoints(self.state), self.observe)
+        self.pipeline = Pipeline(self.state, endpoints(self.state.metrics, self.state.cache.readiness), self.observe)
         self._runner: web.ServerRunner | None = None
         self._background: list[asyncio.Task[None]] = []
         self._closed = False

@@ -25,7 +25,7 @@ def _config_from(args: argparse.Namespace) -> Config:
         overrides["log.level"] = args.log_level
     config = load_config(path, overrides)
     if config.tls_intercept.enabled:  # the CA must load, not just exist
-        from .proxy.certs import Authority, AuthorityError
+        from .certs import Authority, AuthorityError
 
         try:
             Authority(config.tls_intercept.ca_cert, config.tls_intercept.ca_key).close()
@@ -56,7 +56,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _ca_init(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .proxy.certs import create_ca
+    from .certs import create_ca
 
     try:
         cert, key = create_ca(Path(args.out), common_name=args.name, force=args.force)

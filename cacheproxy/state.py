@@ -1,4 +1,4 @@
-"""What a running process holds: the parts the pipeline and its answers reach."""
+"""What a running process holds: the parts the pipeline reaches (built by :mod:`.app`)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 from .cache.manager import Cache
 from .cache.shared import SharedTier
+from .certs import Authority
 from .config import Config
 from .guard.access import AccessRules
 from .ops.metrics import Metrics
-from .proxy.certs import Authority
-from .proxy.respond import Responder
 from .storage.local import LocalStore
 from .upstream.http import HttpUpstream
 
@@ -24,7 +23,6 @@ class AppState:
     store: LocalStore
     upstream: HttpUpstream
     cache: Cache
-    responder: Responder
     executor: ThreadPoolExecutor
     authority: Authority | None = None  # TLS interception on
     shared: SharedTier | None = None  # storage.backend: obs

@@ -5,7 +5,7 @@ without listening, which fixes the port (even ``:0``) and keeps it reserved; the
 workers. Each worker listens on its own socket bound to the same address and port, so the kernel
 spreads connections evenly, and runs the whole proxy: its own event loop, index and upstream
 connections. Fills are single-flight across workers through the store (see
-:mod:`cacheproxy.cache.flight`). A worker that dies is replaced; SIGTERM/SIGINT are passed on to
+:mod:`cacheproxy.storage.flight`). A worker that dies is replaced; SIGTERM/SIGINT are passed on to
 the workers, which drain as a single process would.
 """
 

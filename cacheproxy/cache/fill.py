@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from multidict import CIMultiDict
@@ -42,11 +43,20 @@ class Buffered:
     x_cache: str = "MISS"
 
 
+RemoteReader = Callable[[int, int], AsyncGenerator[bytes, None]]  # (start, stop) -> the body's pieces
+
+
 @dataclass
 class Hit:
+    """A stored object answers the request. The cache decides where its body comes from: the
+    local store (``ready`` when it is kept in memory or open), or, for an object only the shared
+    store holds, a signed URL to send the client to (``redirect``) or a reader (``remote``)."""
+
     meta: ObjectMeta
     x_cache: str = "HIT"  # HIT, REVALIDATED or STALE
-    ready: Ready | None = None  # the body kept ready (in memory or an open file), when it is
+    ready: Ready | None = None
+    redirect: str | None = None
+    remote: RemoteReader | None = None
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 
@@ -39,10 +38,6 @@ def normalize(url: URL) -> str:
         netloc = f"{netloc}:{port}"
     query = f"?{_normalize_percent(url.raw_query_string)}" if url.raw_query_string else ""
     return f"{scheme}://{netloc}{path}{query}"
-
-
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class MirrorMap:

@@ -25,11 +25,11 @@ from ..errors import ProxyError, TransferAborted, UpstreamFailed
 from ..ops.logging import redact
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta
+from ..storage.flight import FillLock, HeadFile, Watch
 from ..storage.local import LocalStore, LocalWriter
 from ..upstream.http import BODY_ERRORS, HttpUpstream, Response, describe, end_to_end
 from ..upstream.retry import RetryBudget
 from .fill import Buffered, Fill, Head, Hit, Outcome, Passthrough
-from .flight import FillLock, HeadFile, Watch
 from .freshness import client_wants_revalidation, freshness, is_fresh, unstorable_reason
 from .hot import HotBodies
 from .index import Index
@@ -182,6 +182,15 @@ class Cache:
         self.touch(meta)
         return Hit(meta, ready=ready)
 
+    def hit(self, meta: ObjectMeta, x_cache: str = "HIT") -> Hit:
+        """A hit of ``meta``, with where its body comes from."""
+        if meta.file or self.shared is None:
+            return Hit(meta, x_cache)
+        shared = self.shared
+        if shared.config.serve_hits == "redirect":  # the client fetches it from OBS, with a URL that expires
+            return Hit(meta, x_cache, redirect=shared.signed_url(meta))
+        return Hit(meta, x_cache, remote=lambda start, stop: shared.remote.read(meta, start, stop))
+
     async def get(self, url: URL, method: str, headers: Mapping[str, str]) -> Outcome:
         if self.shared is not None and self.shared.is_own(url):
             # A signed URL of our own bucket, fetched through us: pass it on, never a second copy.
@@ -207,7 +216,9 @@ class Cache:
             except FileNotFoundError:  # removed by another worker just now: fetch it again
                 return await self.get(url, method, headers)
             self.touch(meta)
-            return Hit(meta, ready=ready)
+            hit = self.hit(meta)
+            hit.ready = ready
+            return hit
         negative = self._negative.get(key)
         if negative is not None and not revalidate:
             if negative[0] > time.monotonic():
@@ -267,7 +278,7 @@ class Cache:
                 stale is None or (current.file, current.response_time) != (stale.file, stale.response_time)
             ):
                 self.index.put(current)
-                fill.set_outcome(Hit(current))  # another worker stored it just before we got the lock
+                fill.set_outcome(self.hit(current))  # another worker stored it just before we got the lock
                 fill.finish()
                 return
             await self._fetch(fill, url, stale, forward, lock)
@@ -325,7 +336,7 @@ class Cache:
             return True
         if current is None:
             return False
-        fill.set_outcome(Hit(current))
+        fill.set_outcome(self.hit(current))
         fill.finish()
         return True
 
@@ -348,7 +359,7 @@ class Cache:
                 self.record_failure(url, exc.reason)
                 if stale is not None and not stale.must_revalidate:
                     log.warning("serving stale %s: %s", url, exc.reason)
-                    fill.set_outcome(Hit(stale, "STALE"))
+                    fill.set_outcome(self.hit(stale, "STALE"))
                     fill.finish()
                     return
                 raise
@@ -389,7 +400,7 @@ class Cache:
             self.touch(stale)
             self.index.put(stale)
             await self.store.update_meta(stale)
-        fill.set_outcome(Hit(stale, "REVALIDATED"))
+        fill.set_outcome(self.hit(stale, "REVALIDATED"))
         fill.finish()
 
     async def _origin_error(self, fill: Fill, url: URL, response: Response) -> None:
@@ -639,6 +650,24 @@ class Cache:
         if self.shared is not None:
             self.shared.upload_later(meta)
         await self.evict_if_needed()
+
+    async def readiness(self) -> dict[str, dict[str, object]]:
+        """Each check readyz shows: the store takes writes, the index is loaded, OBS answers."""
+        checks: dict[str, dict[str, object]] = {}
+        problem = await self.store.check_writable()
+        checks["store_writable"] = {"ok": problem is None, **({"error": problem} if problem else {})}
+        checks["index_loaded"] = {"ok": self.index.loaded, "objects": len(self.index)}
+        if self.shared is not None:
+            shared = self.shared
+            problem = shared.problem
+            checks["obs"] = {
+                "ok": problem is None,
+                "bucket": shared.remote.bucket,
+                "objects": len(shared.entries),
+                "pending_uploads": len(shared.pending),
+                **({"error": problem} if problem else {}),
+            }
+        return checks
 
     # -- housekeeping -------------------------------------------------------------------------
 

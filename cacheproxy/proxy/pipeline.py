@@ -24,7 +24,7 @@ from ..ops.observe import Observation, Observer
 from ..state import AppState
 from . import connect
 from .door import FrontDoor
-from .respond import ANSWERED, SENT, ObjectGone, plain_hit
+from .respond import ANSWERED, SENT, ObjectGone, Responder, plain_hit
 from .target import TargetCache
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class Pipeline:
         self.limits = ClientLimits(state.config.limits)
         self.targets = TargetCache()
         self._cache_bytes = state.metrics.response_bytes.labels("cache")
+        self.responder = Responder(state.store, state.metrics)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         door = request.protocol
@@ -96,7 +97,7 @@ class Pipeline:
             return await self._service(request)
         self.limits.take(client)
         with self.limits.in_flight(client):
-            response = await proxy_request(request, state, found.url)
+            response = await proxy_request(request, state, self.responder, found.url)
         record.result = response.headers.get("X-Cache", "MISS").lower()
         return response
 
@@ -147,20 +148,22 @@ class Pipeline:
         return await handler(request)
 
 
-async def proxy_request(request: web.BaseRequest, state: AppState, url: URL) -> web.StreamResponse:
+async def proxy_request(
+    request: web.BaseRequest, state: AppState, responder: Responder, url: URL
+) -> web.StreamResponse:
     state.access.check_url(url)
     if request.method in READ_METHODS:
         outcome = await state.cache.get(url, request.method, request.headers)
         try:
-            return await state.responder.send(request, outcome)
+            return await responder.send(request, outcome)
         except ObjectGone as gone:
             state.cache.forget(gone.meta)
             outcome = await state.cache.get(url, request.method, request.headers)
-            return await state.responder.send(request, outcome)
+            return await responder.send(request, outcome)
     if not state.config.rules.allow_other_methods:
         raise MethodNotAllowed(
             f"{request.method} is not allowed (only GET and HEAD; see rules.allow_other_methods)",
             headers={"Allow": "GET, HEAD"},
         )
     passthrough = await state.cache.forward(url, request.method, request.headers, request.content)
-    return await state.responder.send_passthrough(request, passthrough)
+    return await responder.send_passthrough(request, passthrough)

@@ -23,12 +23,10 @@ from multidict import CIMultiDict
 from ..cache.fill import Buffered, Hit, Outcome, Passthrough, Streaming
 from ..cache.freshness import http_date
 from ..cache.hot import Ready
-from ..cache.shared import SharedTier
 from ..errors import SERVER, VIA, TransferAborted, UpstreamFailed
 from ..ops.metrics import Metrics
-from ..storage.base import ObjectMeta
+from ..storage.base import ObjectMeta, StorageUnavailable
 from ..storage.local import LocalStore
-from ..storage.obs import ObsUnavailable
 from ..upstream.http import BODY_ERRORS, end_to_end
 
 log = logging.getLogger(__name__)
@@ -208,33 +206,30 @@ def _open_body(path: os.PathLike[str]) -> io.FileIO:
 
 
 class Responder:
-    def __init__(self, store: LocalStore, metrics: Metrics, shared: SharedTier | None = None) -> None:
+    def __init__(self, store: LocalStore, metrics: Metrics) -> None:
         self._store = store
         self._metrics = metrics
-        self._shared = shared
 
     async def send(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         if isinstance(outcome, Hit):
-            return await self.send_hit(request, outcome.meta, outcome.x_cache, outcome.ready)
+            return await self.send_hit(request, outcome)
         if isinstance(outcome, Streaming):
             return await self.send_streaming(request, outcome)
         if isinstance(outcome, Buffered):
             return self.send_buffered(outcome)
         return await self.send_passthrough(request, outcome)
 
-    async def send_hit(
-        self, request: web.BaseRequest, meta: ObjectMeta, x_cache: str, ready: Ready | None = None
-    ) -> web.StreamResponse:
-        headers = hit_headers(meta, x_cache)
+    async def send_hit(self, request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        meta, ready = hit.meta, hit.ready
+        headers = hit_headers(meta, hit.x_cache)
         if _not_modified(request, meta):
             return web.Response(status=304, headers=headers)
         span = _single_range(request, meta.size) if _if_range_allows(request, meta) else None
         if span == "unsatisfiable":
             headers["Content-Range"] = f"bytes */{meta.size}"
             return web.Response(status=416, headers=headers)
-        if not meta.file and self._shared is not None and self._shared.config.serve_hits == "redirect":
-            # Only OBS has the body: the client fetches it there with a URL that expires.
-            headers["Location"] = self._shared.signed_url(meta)
+        if hit.redirect is not None:  # only the shared store has the body: the client fetches it there
+            headers["Location"] = hit.redirect
             for name in ("Accept-Ranges", "Content-Length"):
                 headers.popall(name, None)
             return web.Response(status=302, headers=headers)
@@ -251,8 +246,8 @@ class Responder:
             return web.Response(status=status, body=body, headers=headers)
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = stop - start
-        if not meta.file:
-            return await self._stream_remote(request, response, meta, start, stop)
+        if hit.remote is not None:
+            return await self._stream_remote(request, response, hit, start, stop)
         if ready is not None:
             fileobj = os.fdopen(os.dup(ready.fd), "rb", buffering=0)
         else:
@@ -272,14 +267,14 @@ class Responder:
         return response
 
     async def _stream_remote(
-        self, request: web.BaseRequest, response: web.StreamResponse, meta: ObjectMeta, start: int, stop: int
+        self, request: web.BaseRequest, response: web.StreamResponse, hit: Hit, start: int, stop: int
     ) -> web.StreamResponse:
-        """serve_hits: stream: the bytes from OBS through the proxy."""
-        assert self._shared is not None
-        pieces = self._shared.remote.read(meta, start, stop)
+        """The bytes of an object only the shared store holds, through the proxy (serve_hits: stream)."""
+        assert hit.remote is not None
+        pieces = hit.remote(start, stop)
         try:
             first = await anext(pieces) if request.method != "HEAD" and stop > start else b""
-        except ObsUnavailable as exc:
+        except StorageUnavailable as exc:
             raise UpstreamFailed(f"the shared store failed: {exc}") from None
         await _prepare(request, response)
         if request.method == "HEAD" or stop <= start:
@@ -291,8 +286,8 @@ class Responder:
             async for piece in pieces:
                 await response.write(piece)
                 _count(request, self._metrics, "cache", len(piece))
-        except ObsUnavailable as exc:
-            log.warning("streaming %s from OBS broke: %s", meta.url, exc)
+        except StorageUnavailable as exc:
+            log.warning("streaming %s from the shared store broke: %s", hit.meta.url, exc)
             abort_connection(request)
             return response
         finally:

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+
+
+class StorageUnavailable(Exception):
+    """A store cannot be reached or answer (a remote store's network or service failing)."""
+
+
+def key_digest(key: str) -> str:
+    """The hex sha256 of a cache key: how stores name an object's files."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass

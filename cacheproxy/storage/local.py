@@ -9,7 +9,7 @@ Layout under ``cache.dir``::
 An object becomes visible when its ``.json`` is renamed into place, after the body was flushed and
 renamed. A crash at any point leaves at most files that no ``.json`` names; :meth:`scan` removes
 them at start. Several worker processes share one store: a fill holds the key's lock in ``tmp/``
-(see :mod:`cacheproxy.cache.flight`) until its commit is done, and leftovers are removed only
+(see :mod:`cacheproxy.storage.flight`) until its commit is done, and leftovers are removed only
 when nobody holds their key's lock, so one worker's clean-up never touches another's fill.
 """
 
@@ -31,9 +31,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..cache import flight
-from ..cache.keys import key_digest
-from .base import ObjectMeta, Storage, Writer
+from . import flight
+from .base import ObjectMeta, Storage, Writer, key_digest
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from yarl import URL
 
 from ..config import ObsConfig
 from ..units import format_size
-from .base import ObjectMeta, Storage, Writer
+from .base import ObjectMeta, Storage, StorageUnavailable, Writer
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ META = "cacheproxy-meta"  # one metadata entry: the ObjectMeta as JSON
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
-class ObsUnavailable(Exception):
+class ObsUnavailable(StorageUnavailable):
     """OBS could not be reached, refused the credentials, or answered an error."""
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from cacheproxy.proxy.certs import create_ca
+from cacheproxy.certs import create_ca
 
 from ..conftest import MakeProxy, Proxy, curl, origin_ca_file, run
 from ..origin import Origin

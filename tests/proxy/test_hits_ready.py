@@ -148,13 +148,13 @@ async def test_plain_ready_hits_are_answered_by_the_door_in_order(
     await ready(proxy, url)
     origin.add("/slow.tar.gz", body=b"s" * 100, delay=0.5)
     general: list[str] = []
-    send = proxy.state.responder.send
+    send = proxy.app.pipeline.responder.send
 
     async def counted(request, outcome):  # type: ignore[no-untyped-def]
         general.append(request.raw_path)
         return await send(request, outcome)
 
-    monkeypatch.setattr(proxy.state.responder, "send", counted)
+    monkeypatch.setattr(proxy.app.pipeline.responder, "send", counted)
     conn = await Connection.open(proxy.port)
     conn.send(get(url), get(url, method="HEAD"))
     assert (await conn.response())[2] == body

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .keys import key_digest
+from .base import key_digest
 
 LOCK = ".lock"
 HEAD = ".head"
