@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -146,6 +147,9 @@ class FrontDoor(RequestHandler):
             self._counted = True
             self._awaiting_proxy_header = door.proxy_protocol
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and not inner:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a head and its body: no Nagle wait
         if not inner:
             self._arm_head_timer()
 
