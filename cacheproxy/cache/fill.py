@@ -75,6 +75,7 @@ class Passthrough:
 
 
 Outcome = Streaming | Buffered | Hit | Passthrough
+Negative = dict[str, tuple[float, Buffered]]  # key -> (until, a remembered 404/410 of the origin)
 
 
 class Fill:

@@ -36,6 +36,12 @@ class Index:
             self.total_size -= meta.size
         return meta
 
+    def replace(self, other: Index) -> None:
+        """Take ``other``'s entries in place (whoever holds this index sees them)."""
+        self._objects = other._objects
+        self.total_size = other.total_size
+        self.loaded = other.loaded
+
     def least_recently_used(self) -> list[ObjectMeta]:
         return sorted(self._objects.values(), key=lambda m: m.last_access or m.stored_at)
 

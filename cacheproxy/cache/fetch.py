@@ -1,0 +1,353 @@
+"""Single-flight fills: one origin fetch per key, in this process and across workers.
+
+A fill takes the key's lock file (another worker holding it is followed instead: its growing temp
+file is streamed), fetches from the origin with retries and mirrors, revalidates a stale object
+with its validators, shares a small error answer with every waiting client (and remembers a
+404/410 for ``rules.negative_ttl``), streams a storable body into the store through the
+:class:`~.pump.Pump`, and commits it: hashed, renamed and indexed before it is ever a hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from multidict import CIMultiDict
+from yarl import URL
+
+from ..config import Config
+from ..errors import ProxyError, TransferAborted, UpstreamFailed
+from ..ops.logging import redact
+from ..ops.metrics import Metrics
+from ..storage.base import ObjectMeta
+from ..storage.flight import FillLock, HeadFile, Watch
+from ..storage.local import LocalStore, LocalWriter
+from ..upstream.http import BODY_ERRORS, HttpUpstream, Response, describe, end_to_end
+from ..upstream.retry import RetryBudget
+from .fill import Buffered, Fill, Head, Hit, Negative, Passthrough
+from .freshness import freshness, unstorable_reason
+from .index import Index
+from .keys import MirrorMap
+from .pump import Pump
+from .shared import SharedTier
+
+log = logging.getLogger(__name__)
+
+FORWARDED_REQUEST_HEADERS = ("User-Agent", "Accept", "Accept-Language")
+BUFFER_LIMIT = 64 << 10  # origin error bodies up to this size are shared with every waiting client
+FOLLOW_POLL = 0.005  # seconds between looks at another worker's fill
+FOLLOW_ROUNDS = 3  # fills of other workers followed before giving up on a key
+ARCHIVE = re.compile(r"\.(tar|tgz|tbz2?|txz|gz|xz|bz2|zst|lz|lzma|zip|7z|rpm|srpm|deb|jar|gem|crate|whl)$", re.I)
+
+
+@dataclass
+class Failure:
+    url: str
+    error: str
+    time: float
+
+
+class FailureLog:
+    """The last failed fetches (bounded), secrets masked."""
+
+    def __init__(self, size: int = 100) -> None:
+        self.recent: collections.deque[Failure] = collections.deque(maxlen=size)
+
+    def record(self, url: URL | str, error: str) -> None:
+        self.recent.append(Failure(redact(str(url)), redact(error), time.time()))
+
+
+class Fetcher:
+    def __init__(
+        self,
+        config: Config,
+        store: LocalStore,
+        upstream: HttpUpstream,
+        metrics: Metrics,
+        index: Index,
+        shared: SharedTier | None,
+        fills: dict[str, Fill],
+        negative: Negative,
+        failures: FailureLog,
+        *,
+        hit: Callable[[ObjectMeta, str], Hit],
+        from_store: Callable[[str], Awaitable[ObjectMeta | None]],
+        touch: Callable[[ObjectMeta], None],
+        evict: Callable[[], Awaitable[int]],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.upstream = upstream
+        self.metrics = metrics
+        self.index = index
+        self.shared = shared
+        self.fills = fills
+        self.negative = negative
+        self.failures = failures
+        self.hit = hit
+        self.from_store = from_store
+        self.touch = touch
+        self.evict = evict
+        self.mirrors = MirrorMap(config.upstream.mirrors)
+        self.rules = config.refresh_rules
+        self.pump = Pump(upstream, config.upstream.read_timeout)
+
+    def start(self, key: str, url: URL, stale: ObjectMeta | None, headers: Mapping[str, str]) -> Fill:
+        fill = Fill(key)
+        self.fills[key] = fill
+        forward = {k: headers[k] for k in FORWARDED_REQUEST_HEADERS if k in headers}
+        fill.task = asyncio.create_task(self._run(fill, url, stale, forward), name=f"fill {key}")
+        self.metrics.fills_in_progress.inc()
+        return fill
+
+    async def _run(self, fill: Fill, url: URL, stale: ObjectMeta | None, forward: dict[str, str]) -> None:
+        lock = FillLock.for_key(self.store.tmp_dir, fill.key)
+        try:
+            for _ in range(FOLLOW_ROUNDS):
+                if await self.store.run(lock.try_acquire):
+                    break
+                if await self._follow(fill):  # another worker fills this key
+                    return
+            else:
+                raise UpstreamFailed("another worker's fill of this URL did not produce a response; try again")
+            current = await self.store.stat(fill.key)
+            if current is not None and (
+                stale is None or (current.file, current.response_time) != (stale.file, stale.response_time)
+            ):
+                self.index.put(current)
+                fill.set_outcome(self.hit(current, "HIT"))  # another worker stored it just before we got the lock
+                fill.finish()
+                return
+            await self._fetch(fill, url, stale, forward, lock)
+        except ProxyError as exc:
+            fill.set_error(exc)
+        except asyncio.CancelledError:
+            fill.set_error(UpstreamFailed("the fill was cancelled (shutting down)"))
+            raise
+        except Exception as exc:  # a bug or an I/O error: the clients must see an error, not hang
+            log.exception("fill of %s failed", url)
+            fill.set_error(UpstreamFailed(f"internal error: {describe(exc)}") if not fill.head.done() else exc)
+        finally:
+            # Leave self.fills first: a request from now on must not join a fill that is over.
+            fill.close()
+            self.fills.pop(fill.key, None)
+            self.metrics.fills_in_progress.dec()
+            if lock.held:
+                await self.store.run(lock.release)
+
+    async def _follow(self, fill: Fill) -> bool:
+        """Serve this process's clients from another worker's fill of the same key.
+
+        False when that fill ended without anything to follow (an error answer, say): then this
+        process fetches the key itself.
+        """
+        watch = await self.store.run(Watch, self.store.tmp_dir, fill.key)
+        try:
+            while (head := await self.store.run(watch.head)) is None:
+                if await self.store.run(watch.owner_done):
+                    return await self._follow_done(fill, None)
+                await asyncio.sleep(FOLLOW_POLL)
+            try:
+                fill.start_streaming(head.part, Head(CIMultiDict(head.headers), head.size))
+            except FileNotFoundError:  # committed (renamed) between reading the head and opening it
+                return await self._follow_done(fill, None)
+            while True:
+                done = await self.store.run(watch.owner_done)
+                grown = fill.grown()
+                if grown:
+                    fill.advance(grown)
+                if done:
+                    return await self._follow_done(fill, head.size)
+                await asyncio.sleep(FOLLOW_POLL)
+        finally:
+            watch.close()
+
+    async def _follow_done(self, fill: Fill, size: int | None) -> bool:
+        """The other worker's fill ended: complete our clients' bodies, or answer from the store."""
+        current = await self.from_store(fill.key)
+        if fill.head.done():
+            if current is not None and current.size == fill.written and size in (None, fill.written):
+                fill.finish()
+            else:
+                fill.set_error(TransferAborted(f"the fill in another worker broke after {fill.written} bytes"))
+            return True
+        if current is None:
+            return False
+        fill.set_outcome(self.hit(current, "HIT"))
+        fill.finish()
+        return True
+
+    async def _fetch(
+        self, fill: Fill, url: URL, stale: ObjectMeta | None, forward: dict[str, str], lock: FillLock
+    ) -> None:
+        started = time.monotonic()
+        budget = self.upstream.new_budget()
+        response: Response | None = None
+        try:
+            request_headers = dict(forward)
+            if stale is not None:
+                if stale.etag:
+                    request_headers["If-None-Match"] = stale.etag
+                if stale.last_modified:
+                    request_headers["If-Modified-Since"] = stale.last_modified
+            try:
+                response = await self.upstream.open(self.mirrors.candidates(url), request_headers, budget)
+            except UpstreamFailed as exc:
+                self.failures.record(url, exc.reason)
+                if stale is not None and not stale.must_revalidate:
+                    log.warning("serving stale %s: %s", url, exc.reason)
+                    fill.set_outcome(self.hit(stale, "STALE"))
+                    fill.finish()
+                    return
+                raise
+            owned, response = response, None  # from here the helpers release or hand it over
+            if owned.status == 304 and stale is not None:
+                owned.release()
+                await self._revalidated(fill, stale, owned)
+                return
+            if owned.status != 200:
+                await self._origin_error(fill, url, owned)
+                return
+            await self._fill_body(fill, url, owned, budget, forward, lock)
+            self.metrics.upstream_fetch_seconds.observe(time.monotonic() - started)
+        finally:
+            if response is not None:
+                response.release()
+
+    async def _revalidated(self, fill: Fill, stale: ObjectMeta, response: Response) -> None:
+        # The 304 may update validators and freshness; what it leaves out stays as stored.
+        merged: CIMultiDict[str] = CIMultiDict()
+        if stale.etag:
+            merged["ETag"] = stale.etag
+        if stale.last_modified:
+            merged["Last-Modified"] = stale.last_modified
+        for name in ("ETag", "Last-Modified", "Cache-Control", "Expires", "Date"):
+            if name in response.headers:
+                merged[name] = response.headers[name]
+        now = time.time()
+        fresh = freshness(URL(stale.url).path, merged, now, self.rules)
+        stale.response_time = now
+        stale.lifetime = fresh.lifetime
+        stale.must_revalidate = fresh.must_revalidate
+        stale.etag = merged.get("ETag") or None
+        stale.last_modified = merged.get("Last-Modified") or None
+        if not stale.file and self.shared is not None:  # only the shared store has the body
+            await self.shared.update_meta(stale)
+        else:
+            self.touch(stale)
+            self.index.put(stale)
+            await self.store.update_meta(stale)
+        fill.set_outcome(self.hit(stale, "REVALIDATED"))
+        fill.finish()
+
+    async def _origin_error(self, fill: Fill, url: URL, response: Response) -> None:
+        """A non-200 final answer: shared with every waiter when small, remembered if 404/410."""
+        if response.status >= 400:
+            self.failures.record(url, f"origin answered {response.status}")
+        length = response.content_length
+        if length is not None and length > BUFFER_LIMIT:
+            fill.set_outcome(Passthrough(response))
+            return
+        try:
+            body = await response.read_body(BUFFER_LIMIT)
+        except BODY_ERRORS as exc:
+            response.close()
+            raise UpstreamFailed(f"upstream failed: {describe(exc)}") from None
+        if len(body) > BUFFER_LIMIT:
+            response.close()
+            raise UpstreamFailed(f"origin answered {response.status} with an error body over {BUFFER_LIMIT} bytes")
+        response.release()
+        buffered = Buffered(response.status, end_to_end(response.headers), body)
+        if response.status in (404, 410) and self.config.rules.negative_ttl > 0:
+            self.negative[fill.key] = (time.monotonic() + self.config.rules.negative_ttl, buffered)
+        fill.set_outcome(buffered)
+
+    async def _fill_body(
+        self,
+        fill: Fill,
+        url: URL,
+        response: Response,
+        budget: RetryBudget,
+        forward: dict[str, str],
+        lock: FillLock,
+    ) -> None:
+        headers = response.headers
+        size = response.content_length
+        not_stored = unstorable_reason(headers)
+        max_size = self.config.cache.max_object_size
+        if not_stored is None and size is not None and size > max_size:
+            not_stored = f"larger than cache.max_object_size ({size} > {max_size})"
+        html = "text/html" in headers.get("Content-Type", "").lower()
+        if not_stored is None and html and self.config.rules.refuse_html_archives and ARCHIVE.search(url.path):
+            self.failures.record(url, "origin answered an HTML page for an archive URL")
+            not_stored = "HTML body for an archive URL"
+        if not_stored is not None:
+            log.info("not storing %s: %s", url, not_stored)
+            fill.set_outcome(Passthrough(response))
+            return
+        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        writer = await self.store.begin_write(fill.key)
+        try:
+            head = Head(end_to_end(headers), size)
+            await self.store.run(lock.publish, HeadFile(writer.path, list(head.headers.items()), size))
+            fill.start_streaming(writer.path, head)
+            response = await self.pump.tee(fill, response, writer, budget, forward, size)
+            if size is not None and writer.written != size:
+                raise TransferAborted(f"got {writer.written} of {size} bytes")
+            fill.finish()
+            storable = (size is not None or chunked) and writer.written <= max_size
+            if not storable:
+                log.info("not storing %s: body length unknown (no Content-Length, not chunked)", url)
+                await writer.abort()
+                return
+            await self._commit(fill.key, url, response, writer)
+        except BaseException as exc:
+            await writer.abort()
+            if isinstance(exc, TransferAborted):
+                self.failures.record(url, str(exc))
+                log.warning("fill of %s aborted: %s", url, exc)
+                fill.set_error(exc)
+                return
+            raise
+        finally:
+            response.release()
+
+    async def _commit(self, key: str, url: URL, response: Response, writer: LocalWriter) -> None:
+        now = time.time()
+        sha256, md5 = await writer.digests()
+        fresh = freshness(url.path, response.headers, now, self.rules)
+        vary = {}
+        for name in response.headers.get("Vary", "").split(","):
+            name = name.strip()
+            if name and name.lower() != "accept-encoding":  # we always fetch the identity encoding
+                vary[name] = response.request_headers.get(name, "")
+        h = response.headers
+        meta = ObjectMeta(
+            key=key,
+            url=str(url.with_user(None)),  # no FTP credentials in the store
+            size=writer.written,
+            sha256=sha256,
+            md5=md5,
+            stored_at=now,
+            response_time=now,
+            lifetime=fresh.lifetime,
+            must_revalidate=fresh.must_revalidate,
+            content_type=h.get("Content-Type"),
+            content_disposition=h.get("Content-Disposition"),
+            content_encoding=h.get("Content-Encoding"),
+            etag=h.get("ETag"),
+            last_modified=h.get("Last-Modified"),
+            vary=vary,
+            last_access=now,
+        )
+        meta = await writer.commit(meta)
+        self.index.put(meta)
+        log.info("stored %s (%d bytes, sha256 %s)", url, meta.size, sha256)
+        if self.shared is not None:
+            self.shared.upload_later(meta)
+        await self.evict()

@@ -1,0 +1,124 @@
+"""Keeping the store in shape: access times, the index snapshot, eviction, clean-up.
+
+Eviction removes the least recently used objects when the store passes ``cache.high_watermark``
+of ``cache.max_size``, down to ``cache.low_watermark``, never one that is being filled or that
+the shared tier does not hold yet. The periodic clean-up (``cache.cleanup_interval``) also writes
+access times and the index snapshot, takes in what other workers stored, forgets expired negative
+answers and removes leftovers of interrupted fills.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..config import Config
+from ..ops.metrics import Metrics
+from ..storage.base import ObjectMeta
+from ..storage.local import LocalStore
+from .fill import Fill, Negative
+from .hot import HotBodies
+from .index import Index
+from .shared import SharedTier
+
+log = logging.getLogger(__name__)
+
+
+class Housekeeper:
+    def __init__(
+        self,
+        config: Config,
+        store: LocalStore,
+        metrics: Metrics,
+        index: Index,
+        shared: SharedTier | None,
+        fills: dict[str, Fill],
+        negative: Negative,
+        hot: HotBodies,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.index = index
+        self.shared = shared
+        self.fills = fills
+        self.negative = negative
+        self.hot = hot
+        self._dirty: set[str] = set()
+        self._evicting = False
+
+    def touch(self, meta: ObjectMeta) -> None:
+        meta.last_access = time.time()
+        self._dirty.add(meta.key)
+
+    async def save_snapshot(self) -> None:
+        await self.store.run(self.store.write_snapshot_sync, list(self.index))
+
+    async def flush_access_times(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for key in dirty:
+            meta = self.index.get(key)
+            if meta is not None:
+                await self.store.run(self.store.touch_sync, meta)
+
+    def capacity(self) -> int:
+        total, _ = self.store.disk_usage()
+        return self.config.cache.max_size.resolve(total)
+
+    async def evict_if_needed(self) -> int:
+        if self._evicting:
+            return 0
+        capacity = self.capacity()
+        if self.index.total_size <= capacity * self.config.cache.high_watermark:
+            return 0
+        self._evicting = True
+        evicted = 0
+        try:
+            target = capacity * self.config.cache.low_watermark
+            for meta in self.index.least_recently_used():
+                if self.index.total_size <= target:
+                    break
+                if meta.key in self.fills:
+                    continue
+                if self.shared is not None and not meta.remote:
+                    continue  # not in OBS yet: the local copy is the only one
+                await self.purge(meta)
+                evicted += 1
+            self.metrics.evictions.inc(evicted)
+            log.info("evicted %d objects; store now %d bytes", evicted, self.index.total_size)
+        finally:
+            self._evicting = False
+        return evicted
+
+    async def purge(self, meta: ObjectMeta) -> None:
+        self.index.remove(meta.key)
+        self._dirty.discard(meta.key)
+        self.hot.discard(meta.key)
+        await self.store.delete(meta)
+
+    async def reload_index(self) -> None:
+        """Take in what other workers stored or removed since the last look."""
+        fresh = Index()
+        async for meta in self.store.scan():
+            known = self.index.get(meta.key)
+            if known is not None and known.file == meta.file:
+                meta.last_access = max(meta.last_access, known.last_access)
+            fresh.put(meta)
+        fresh.loaded = True
+        self.index.replace(fresh)
+
+    async def cleanup(self) -> None:
+        """Periodic: persist access times, evict, remove leftovers of interrupted fills."""
+        await self.flush_access_times()
+        if self.config.workers > 1:
+            await self.reload_index()
+        await self.save_snapshot()
+        await self.evict_if_needed()
+        now = time.monotonic()
+        for key in [k for k, (until, _) in self.negative.items() if until <= now]:
+            del self.negative[key]
+        removed = await self.store.run(self.store.remove_stale_temp)
+        if removed:
+            log.info("removed %d leftover temp file(s)", removed)
+        if self.shared is not None:
+            await self.shared.cleanup()
