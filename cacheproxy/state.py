@@ -11,7 +11,7 @@ from .certs import Authority
 from .config import Config
 from .guard.access import AccessRules
 from .ops.metrics import Metrics
-from .storage.local import LocalStore
+from .storage.base import Spool
 from .upstream.http import HttpUpstream
 
 
@@ -20,7 +20,7 @@ class AppState:
     config: Config
     metrics: Metrics
     access: AccessRules
-    store: LocalStore
+    store: Spool
     upstream: HttpUpstream
     cache: Cache
     executor: ThreadPoolExecutor

@@ -24,9 +24,8 @@ from ..config import Config
 from ..errors import ProxyError, TransferAborted, UpstreamFailed
 from ..ops.logging import redact
 from ..ops.metrics import Metrics
-from ..storage.base import ObjectMeta
+from ..storage.base import ObjectMeta, Spool, SpoolWriter
 from ..storage.flight import FillLock, HeadFile, Watch
-from ..storage.local import LocalStore, LocalWriter
 from ..upstream.http import BODY_ERRORS, HttpUpstream, Response, describe, end_to_end
 from ..upstream.retry import RetryBudget
 from .fill import Buffered, Fill, Head, Hit, Negative, Passthrough
@@ -66,7 +65,7 @@ class Fetcher:
     def __init__(
         self,
         config: Config,
-        store: LocalStore,
+        store: Spool,
         upstream: HttpUpstream,
         metrics: Metrics,
         index: Index,
@@ -317,7 +316,7 @@ class Fetcher:
         finally:
             response.release()
 
-    async def _commit(self, key: str, url: URL, response: Response, writer: LocalWriter) -> None:
+    async def _commit(self, key: str, url: URL, response: Response, writer: SpoolWriter) -> None:
         now = time.time()
         sha256, md5 = await writer.digests()
         fresh = freshness(url.path, response.headers, now, self.rules)

@@ -20,8 +20,7 @@ import os
 import time
 from collections.abc import Callable
 
-from ..storage.base import ObjectMeta
-from ..storage.local import LocalStore
+from ..storage.base import ObjectMeta, Spool
 
 SMALL_BODY = 64 << 10  # bodies up to this size are kept in memory ...
 MEMORY_BUDGET = 32 << 20  # ... up to this much in all
@@ -52,7 +51,7 @@ def _signature(meta: ObjectMeta) -> tuple[int, str, float]:
 
 
 class HotBodies:
-    def __init__(self, store: LocalStore, forget: Callable[[ObjectMeta], None]) -> None:
+    def __init__(self, store: Spool, forget: Callable[[ObjectMeta], None]) -> None:
         self._store = store
         self._forget = forget
         self._ready: collections.OrderedDict[str, Ready] = collections.OrderedDict()

@@ -14,8 +14,7 @@ import time
 
 from ..config import Config
 from ..ops.metrics import Metrics
-from ..storage.base import ObjectMeta
-from ..storage.local import LocalStore
+from ..storage.base import ObjectMeta, Spool
 from .fill import Fill, Negative
 from .hot import HotBodies
 from .index import Index
@@ -28,7 +27,7 @@ class Housekeeper:
     def __init__(
         self,
         config: Config,
-        store: LocalStore,
+        store: Spool,
         metrics: Metrics,
         index: Index,
         shared: SharedTier | None,

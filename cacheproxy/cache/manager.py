@@ -20,8 +20,7 @@ from yarl import URL
 
 from ..config import Config
 from ..ops.metrics import Metrics
-from ..storage.base import ObjectMeta
-from ..storage.local import LocalStore
+from ..storage.base import ObjectMeta, Spool
 from ..upstream.http import HttpUpstream, end_to_end
 from ..upstream.retry import RetryBudget
 from .fetch import FORWARDED_REQUEST_HEADERS, Failure, FailureLog, Fetcher
@@ -43,7 +42,7 @@ class Cache:
     def __init__(
         self,
         config: Config,
-        store: LocalStore,
+        store: Spool,
         upstream: HttpUpstream,
         metrics: Metrics,
         shared: SharedTier | None = None,

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ProxyError, TransferAborted
-from ..storage.local import LocalWriter
+from ..storage.base import SpoolWriter
 from ..upstream.http import BODY_ERRORS, HttpUpstream, Response, describe
 from ..upstream.retry import RetryBudget
 from .fill import Fill
@@ -51,7 +51,7 @@ class Pump:
         self,
         fill: Fill,
         response: Response,
-        writer: LocalWriter,
+        writer: SpoolWriter,
         budget: RetryBudget,
         forward: dict[str, str],
         size: int | None,
@@ -124,7 +124,7 @@ class Pump:
                 await asyncio.gather(pending, return_exceptions=True)
         return response
 
-    async def _splice_rest(self, fill: Fill, writer: LocalWriter, size: int, held: bytes, sock: int) -> None:
+    async def _splice_rest(self, fill: Fill, writer: SpoolWriter, size: int, held: bytes, sock: int) -> None:
         """The rest of a plain-TCP body, from the socket to the file in a thread, kernel to kernel."""
         loop = asyncio.get_running_loop()
         stop = threading.Event()

@@ -20,8 +20,7 @@ from yarl import URL
 
 from ..config import ObsConfig
 from ..ops.metrics import Metrics
-from ..storage.base import ObjectMeta
-from ..storage.local import LocalStore
+from ..storage.base import ObjectMeta, Spool
 from ..storage.obs import ObsStore, ObsUnavailable, RemoteEntry
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ RETRY_SOON = 5.0  # seconds between looks at OBS while it fails (instead of inde
 
 
 class SharedTier:
-    def __init__(self, config: ObsConfig, remote: ObsStore, local: LocalStore, metrics: Metrics) -> None:
+    def __init__(self, config: ObsConfig, remote: ObsStore, local: Spool, metrics: Metrics) -> None:
         self.config = config
         self.remote = remote
         self.local = local

@@ -25,8 +25,7 @@ from ..cache.freshness import http_date
 from ..cache.hot import Ready
 from ..errors import SERVER, VIA, TransferAborted, UpstreamFailed
 from ..ops.metrics import Metrics
-from ..storage.base import ObjectMeta, StorageUnavailable
-from ..storage.local import LocalStore
+from ..storage.base import ObjectMeta, Spool, StorageUnavailable
 from ..upstream.http import BODY_ERRORS, end_to_end
 
 log = logging.getLogger(__name__)
@@ -206,7 +205,7 @@ def _open_body(path: os.PathLike[str]) -> io.FileIO:
 
 
 class Responder:
-    def __init__(self, store: LocalStore, metrics: Metrics) -> None:
+    def __init__(self, store: Spool, metrics: Metrics) -> None:
         self._store = store
         self._metrics = metrics
 

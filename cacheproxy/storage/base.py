@@ -6,10 +6,14 @@ import dataclasses
 import hashlib
 import json
 import math
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 
 class StorageUnavailable(Exception):
@@ -129,3 +133,59 @@ class Storage(ABC):
     @abstractmethod
     async def check_writable(self) -> str | None:
         """None when writes work, else the reason they do not."""
+
+
+class SpoolWriter(Writer):
+    """A body being written into a file that readers may follow while it grows."""
+
+    path: Path  # the temp file: clients of the fill (and other workers) read it as it grows
+
+    @abstractmethod
+    def splice_sync(
+        self, source: int, count: int, progress: Callable[[int], None], stop: threading.Event, timeout: float
+    ) -> None:
+        """Move ``count`` bytes from the socket ``source`` into the file, kernel to kernel
+        (blocking: run it in a thread); ``progress(n)`` as bytes land."""
+
+    @abstractmethod
+    def adopt(self, n: int) -> None:
+        """Count ``n`` bytes that :meth:`splice_sync` put into the file (on the event loop)."""
+
+
+class Spool(Storage):
+    """The first tier: a store on a local file system, which single-flight fills stream through.
+
+    Besides :class:`Storage` it gives what streaming needs: bodies as files (sendfile for hits,
+    reads of a fill's growing temp file), a folder for the lock files of fills
+    (:mod:`.flight`), blocking helpers for the I/O pool, and the bookkeeping of a disk store
+    (snapshot, access times, leftovers of interrupted fills, disk usage).
+    """
+
+    tmp_dir: Path  # temp files of fills and their lock and head files
+    scan_reads: int  # entries the last scan read one by one (not from the snapshot)
+
+    @abstractmethod
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in the store's I/O pool."""
+
+    @abstractmethod
+    def body_path(self, meta: ObjectMeta) -> Path: ...
+
+    @abstractmethod
+    async def begin_write(self, key: str) -> SpoolWriter: ...
+
+    @abstractmethod
+    def write_snapshot_sync(self, metas: list[ObjectMeta]) -> None:
+        """Write the index snapshot that makes the next start fast (blocking)."""
+
+    @abstractmethod
+    def touch_sync(self, meta: ObjectMeta) -> None:
+        """Persist ``meta.last_access`` (blocking)."""
+
+    @abstractmethod
+    def remove_stale_temp(self) -> int:
+        """Remove what fills no process runs any more left behind (blocking); how many files."""
+
+    @abstractmethod
+    def disk_usage(self) -> tuple[int, int]:
+        """(total, free) bytes of the file system holding the store."""

@@ -30,11 +30,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from . import flight
-from .base import ObjectMeta, Storage, Writer, key_digest
+from .base import ObjectMeta, Spool, SpoolWriter, key_digest
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 HASH_CHUNK = 1 << 20
 IOV_MAX = 1024
@@ -58,7 +60,7 @@ def _read_small(path: str) -> bytes:
 READ_PIECE = 1 << 20
 
 
-class LocalWriter(Writer):
+class LocalWriter(SpoolWriter):
     """A body written to ``tmp/``; sha256 and md5 follow behind the writes.
 
     Writes only copy bytes into the file, so readers of the growing file see them at once. A
@@ -205,7 +207,7 @@ class LocalWriter(Writer):
         await self._store.run(self._abort_sync)
 
 
-class LocalStore(Storage):
+class LocalStore(Spool):
     def __init__(self, root: Path, executor: ThreadPoolExecutor | None = None) -> None:
         self.root = root
         self.objects_dir = root / "objects"
@@ -214,7 +216,7 @@ class LocalStore(Storage):
         self.scan_reads = 0  # entries the last scan read from their .json (not from the snapshot)
         self._executor = executor
 
-    async def run(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def body_path(self, meta: ObjectMeta) -> Path:
