@@ -167,3 +167,29 @@ async def test_plain_ready_hits_are_answered_by_the_door_in_order(
         assert status == 200 and got == body and headers["x-cache"] == "HIT"
     assert general[0] == origin.url("/slow.tar.gz")
     conn.close()
+
+
+async def test_hits_answered_by_the_door_count_against_the_limits(make_proxy: MakeProxy, origin: Origin) -> None:
+    proxy = await make_proxy(limits__per_client_rps=0.001, limits__per_client_burst=40)
+    url, _ = await stored(proxy, origin, "/lim.tar.gz", 1000)
+    await ready(proxy, url)
+    requests = proxy.state.metrics.requests
+    spent = sum(requests.labels(r)._value.get() for r in ("hit", "miss"))  # each of those took a token
+    conn = await Connection.open(proxy.port)
+    conn.send(*[get(url)] * 50)
+    statuses = [(await conn.response())[0] for _ in range(50)]
+    conn.close()
+    assert statuses == [200] * int(40 - spent) + [429] * int(10 + spent)
+    assert proxy.state.metrics.ratelimited._value.get() == 10 + spent
+
+
+async def test_a_long_pipelined_burst_of_ready_hits(proxy: Proxy, origin: Origin) -> None:
+    """More requests in one write than aiohttp's parser yields at once (32): every one is answered."""
+    url, body = await stored(proxy, origin, "/burst.tar.gz", 500)
+    await ready(proxy, url)
+    conn = await Connection.open(proxy.port)
+    conn.send(*[get(url)] * 100, get(url, "Range: bytes=0-9"), *[get(url)] * 40)
+    for i in range(141):
+        status, _, got = await conn.response()
+        assert (status, got) == ((206, body[:10]) if i == 100 else (200, body)), i
+    conn.close()
