@@ -138,6 +138,7 @@ class FrontDoor(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._busy = False  # a request is being handled
         self._handed = 0  # messages passed on to aiohttp's handler and not answered yet
+        self._writing_paused = False  # the client does not read fast enough: no answers ahead of it
         self._answer_now: AnswerNow | None = manager.answer_now
         self._parser = _DoorParser(self._parser, self)  # type: ignore[assignment]
 
@@ -242,13 +243,14 @@ class FrontDoor(RequestHandler):
         self.force_close()
 
     def first_look(self, messages: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-        """Answer what can be answered at once (in order: only while nothing is in flight); the
-        rest goes on to aiohttp's handler."""
+        """Answer what can be answered at once (in order: only while nothing is in flight, and
+        while the client reads what it is sent); the rest goes on to aiohttp's handler, which
+        waits for the client and stops reading from it when its queue is full."""
         self._cancel_head_timer()  # a head is complete
         answer_now = self._answer_now
         kept: list[tuple[Any, Any]] = []
         for message, payload in messages:
-            if kept or self._handed or answer_now is None or payload is not EMPTY_PAYLOAD:
+            if kept or self._handed or self._writing_paused or answer_now is None or payload is not EMPTY_PAYLOAD:
                 kept.append((message, payload))
             elif answer_now(self, message):
                 if self._parser is not None:
@@ -289,11 +291,13 @@ class FrontDoor(RequestHandler):
         self.connection_lost(None)
 
     def pause_writing(self) -> None:
+        self._writing_paused = True
         super().pause_writing()
         if self.tunnel is not None:
             self.tunnel.client_paused()
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
         super().resume_writing()
         if self.tunnel is not None:
             self.tunnel.client_resumed()

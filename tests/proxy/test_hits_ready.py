@@ -193,3 +193,22 @@ async def test_a_long_pipelined_burst_of_ready_hits(proxy: Proxy, origin: Origin
         status, _, got = await conn.response()
         assert (status, got) == ((206, body[:10]) if i == 100 else (200, body)), i
     conn.close()
+
+
+async def test_a_client_that_does_not_read_is_not_answered_into_memory(make_proxy: MakeProxy, origin: Origin) -> None:
+    """Pipelined requests from a client that reads nothing: the answers waiting in the proxy stay
+    bounded (the door stops answering ahead, aiohttp stops reading), and all come when it reads."""
+    proxy = await make_proxy(limits__per_client_burst=10_000)
+    url, body = await stored(proxy, origin, "/noread.tar.gz", 2000)
+    await ready(proxy, url)
+    conn = await Connection.open(proxy.port)
+    conn.writer.transport.set_write_buffer_limits(high=64 << 20)
+    conn.send(*[get(url)] * 5000)  # about 12 MB of answers
+    await asyncio.sleep(1.0)
+    server = proxy.app._runner.server  # type: ignore[union-attr]
+    buffered = [door.transport.get_write_buffer_size() for door in server.connections if door.transport is not None]
+    assert buffered and max(buffered) < 2 << 20, buffered
+    for i in range(5000):
+        status, _, got = await conn.response()
+        assert status == 200 and got == body, i
+    conn.close()
