@@ -324,3 +324,37 @@ async def test_open_tunnel_is_closed_at_shutdown(tls_origin: Origin, make_proxy:
     assert await asyncio.wait_for(reader.read(), 5) == b""
     assert asyncio.get_running_loop().time() - started < 4
     writer.close()
+
+
+async def test_open_tunnel_holds_a_concurrency_slot(tls_origin: Origin, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(**tunnel_config(tls_origin, limits__per_client_concurrency=1))
+    answer, _, first = await raw_connect(proxy, connect_head(tls_origin.port))
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    answer, _, second = await raw_connect(proxy, connect_head(tls_origin.port))
+    second.close()
+    assert answer.startswith(b"HTTP/1.1 429 ") and b"X-Cacheproxy-Error: rate_limited" in answer
+    first.close()  # the tunnel ends: its slot is free again
+    for _ in range(100):
+        answer, _, third = await raw_connect(proxy, connect_head(tls_origin.port))
+        third.close()
+        if answer.startswith(b"HTTP/1.1 200 "):
+            break
+        await asyncio.sleep(0.02)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_requests_inside_an_intercepted_connect_carry_the_proxy_protocol_client(
+    tls_origin: Origin, make_proxy: MakeProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "cacheproxy.access")
+    tls_origin.add("/pp.tar.gz", body=BODY)
+    proxy = await make_proxy(proxy_protocol=True, **intercept_config(tls_origin, tmp_path))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"PROXY TCP4 192.168.7.9 127.0.0.1 40000 3128\r\n" + connect_head(tls_origin.port))
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200 ")
+    data = await https_get_over(reader, writer, Path(proxy_ca(tmp_path)), "/pp.tar.gz")
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(BODY)
+    lines = [r.getMessage() for r in caplog.records if r.name == "cacheproxy.access"]
+    assert any(line.startswith(f'192.168.7.9 "CONNECT localhost:{tls_origin.port}" 200 0 INTERCEPT') for line in lines)
+    url = tls_origin.url("/pp.tar.gz", host="localhost")
+    assert any(line.startswith(f'192.168.7.9 "GET {url}" 200') for line in lines)
