@@ -137,6 +137,7 @@ class FrontDoor(RequestHandler):
         self._proxy_buffer = b""
         self._head_timer: asyncio.TimerHandle | None = None
         self._busy = False  # a request is being handled
+        self._parsed = False  # the data just received completed a head
         self._handed = 0  # messages passed on to aiohttp's handler and not answered yet
         self._writing_paused = False  # the client does not read fast enough: no answers ahead of it
         self._answer_now: AnswerNow | None = manager.answer_now
@@ -196,9 +197,10 @@ class FrontDoor(RequestHandler):
             data = self._take_proxy_header(data)
             if not data:
                 return
-        if self._head_timer is None and not self._busy:
-            self._arm_head_timer()
+        self._parsed = False
         super().data_received(data)
+        if data and not self._parsed and self._head_timer is None and not self._busy and self.transport is not None:
+            self._arm_head_timer()  # part of a head came: it has limits.head_timeout to complete
 
     def _take_proxy_header(self, data: bytes) -> bytes:
         """Consume the PROXY header; return what follows it (b"" while it is incomplete)."""
@@ -246,6 +248,7 @@ class FrontDoor(RequestHandler):
         """Answer what can be answered at once (in order: only while nothing is in flight, and
         while the client reads what it is sent); the rest goes on to aiohttp's handler, which
         waits for the client and stops reading from it when its queue is full."""
+        self._parsed = True
         self._cancel_head_timer()  # a head is complete
         answer_now = self._answer_now
         kept: list[tuple[Any, Any]] = []
