@@ -95,7 +95,10 @@ def is_fresh(lifetime: float, response_time: float, now: float) -> bool:
 
 
 def client_wants_revalidation(headers: Mapping[str, str]) -> bool:
-    cc = parse_cache_control(headers.get("Cache-Control"))
+    value = headers.get("Cache-Control")
+    if value is None and "Pragma" not in headers:
+        return False  # the common case, on every hit
+    cc = parse_cache_control(value)
     return (
         "no-cache" in cc
         or ("max-age" in cc and cc["max-age"] == "0")

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 # Request headers that ask for more than the plain answer (a part, a condition, a body).
-NOT_PLAIN = ("Range", "If-Range", "If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "Expect")
+NOT_PLAIN = frozenset(
+    {b"range", b"if-range", b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"expect"}
+)
 Service = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
@@ -108,8 +110,11 @@ class Pipeline:
         answers or refuses it itself, with the same steps."""
         method = message.method
         headers = message.headers
-        if method not in READ_METHODS or any(name in headers for name in NOT_PLAIN):
+        if method not in READ_METHODS:
             return False
+        for name, _ in message.raw_headers:
+            if name.lower() in NOT_PLAIN:
+                return False
         started = time.monotonic()
         state = self.state
         try:
