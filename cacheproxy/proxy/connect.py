@@ -24,6 +24,7 @@ import logging
 import ssl
 import time
 from fnmatch import fnmatchcase
+from typing import cast
 
 from aiohttp import web
 
@@ -127,7 +128,7 @@ async def _intercept(
         record.error = "tls_handshake_failed"
         _report(record, started, observe)
         return
-    assert isinstance(tls, asyncio.Transport)
+    tls = cast(asyncio.Transport, tls)  # uvloop transports are not asyncio classes
     inner.connection_made(tls)
     _report(record, started, observe)
     try:
@@ -152,7 +153,7 @@ class _OriginEnd(asyncio.Protocol):
         self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not asyncio classes
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:

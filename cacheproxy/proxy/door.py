@@ -30,7 +30,7 @@ import logging
 import math
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http import RawRequestMessage
@@ -183,7 +183,7 @@ class FrontDoor(RequestHandler):
 
     def _refuse(self, transport: asyncio.BaseTransport, exc: ProxyError, method: str = "-") -> None:
         """Answer ``exc`` on a connection no request handler serves, and close it."""
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not asyncio classes
         if not transport.is_closing():
             transport.write(raw_error_response(exc))
             transport.close()

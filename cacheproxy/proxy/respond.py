@@ -27,6 +27,7 @@ from ..errors import SERVER, VIA, TransferAborted, UpstreamFailed
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta, Spool, StorageUnavailable
 from ..upstream.http import BODY_ERRORS, end_to_end
+from .sendfile import send_file
 
 log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 20
@@ -182,13 +183,6 @@ def plain_hit(meta: ObjectMeta, ready: Ready, method: str, http10: bool, keep_al
     return head + tail if method == "HEAD" else b"".join((head, tail, body))
 
 
-async def _sendfile(request: web.BaseRequest, fileobj: os.PathLike[str] | object, offset: int, count: int) -> None:
-    transport = request.transport
-    if transport is None:
-        raise ConnectionResetError("client went away")
-    await asyncio.get_running_loop().sendfile(transport, fileobj, offset, count)  # type: ignore[arg-type]
-
-
 async def _copy_fd(response: web.StreamResponse, fd: int, start: int, stop: int) -> None:
     """Write bytes [start, stop) of a file through the response (chunked bodies)."""
     loop = asyncio.get_running_loop()
@@ -258,7 +252,7 @@ class Responder:
         try:
             await _prepare(request, response)
             if not head_only and stop > start:
-                await _sendfile(request, fileobj, start, stop - start)
+                await send_file(request, fileobj, start, stop - start)
                 _count(request, self._metrics, "cache", stop - start)
             await response.write_eof()
         finally:
@@ -324,7 +318,7 @@ class Responder:
                 available = fill.written if stop is None else min(fill.written, stop)
                 if available > position:
                     if stop is not None:
-                        await _sendfile(request, fileobj, position, available - position)
+                        await send_file(request, fileobj, position, available - position)
                     else:
                         await _copy_fd(response, fileobj.fileno(), position, available)
                     _count(request, self._metrics, "upstream", available - position)

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import socket
 from collections.abc import Callable
+from typing import cast
 
 from aiohttp.abc import AbstractResolver
 from yarl import URL
@@ -50,7 +51,7 @@ async def _direct(host: str, port: int, factory: ProtocolFactory, resolver: Abst
         except OSError as exc:
             last = exc
             continue
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not asyncio classes
         return transport
     raise last or OSError(f"{host} has no address")
 
@@ -76,7 +77,7 @@ async def _through_parent(
     loop = asyncio.get_running_loop()
     assert parent.host is not None and parent.port is not None
     transport, handshake = await loop.create_connection(_ParentHandshake, parent.host, parent.port)
-    assert isinstance(transport, asyncio.Transport)
+    transport = cast(asyncio.Transport, transport)  # uvloop transports are not asyncio classes
     try:
         authority = authority_of(host, port)
         lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
