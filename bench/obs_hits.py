@@ -46,6 +46,7 @@ def start_instance(root: Path, name: str, workers: int, endpoint: str, serve_hit
         f"    endpoint: {endpoint}\n    bucket: {BUCKET}\n"
         f"    access_key_id: {ACCESS_KEY}\n    secret_access_key: {SECRET_KEY}\n"
         f"    signature: v4\n    path_style: true\n    serve_hits: {serve_hits}\n"
+        "limits: {per_client_rps: 1000000000, per_client_burst: 1000000000, per_client_concurrency: 100000}\n"
         f"log: {{level: warning, access_log: {root / (name + '-access.log')}}}\n"
     )
     proc = subprocess.Popen([sys.executable, "-m", "cacheproxy", "-c", str(config)])

@@ -68,6 +68,7 @@ def start_intercepting_cacheproxy(root: Path, workers: int, origin_port: int, or
         f"rules: {{allow_private_upstreams: true, connect_ports: [{origin_port}]}}\n"
         f"upstream: {{ca_bundle: {origin_ca}}}\n"
         f"tls_intercept: {{enabled: true, ca_cert: {ca_dir / 'ca.pem'}, ca_key: {ca_dir / 'ca.key'}}}\n"
+        "limits: {per_client_rps: 1000000000, per_client_burst: 1000000000, per_client_concurrency: 100000}\n"
         f"log: {{level: warning, access_log: {root / 'access.log'}}}\n"
     )
     proc = subprocess.Popen([sys.executable, "-m", "cacheproxy", "-c", str(config)])
