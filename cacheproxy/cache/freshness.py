@@ -91,7 +91,9 @@ def freshness(path: str, headers: Mapping[str, str], response_time: float, rules
 
 
 def is_fresh(lifetime: float, response_time: float, now: float) -> bool:
-    return math.isinf(lifetime) or now - response_time < lifetime
+    """An age is never negative (RFC 9111 section 4.2.3): a wall clock stepped back (it happens on
+    VMs) must not make a stale object, or one with no freshness at all, fresh."""
+    return math.isinf(lifetime) or max(0.0, now - response_time) < lifetime
 
 
 def client_wants_revalidation(headers: Mapping[str, str]) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from cacheproxy.cache.freshness import freshness
+from cacheproxy.cache.freshness import freshness, is_fresh
 from cacheproxy.config import load_config
 
 from ..conftest import MakeProxy, Proxy
@@ -104,3 +104,8 @@ async def test_vary_mismatch_bypasses(proxy: Proxy, origin: Origin) -> None:
     assert response.headers["X-Cache"] == "HIT"
     response, _ = await proxy.get(url, headers={"Accept-Language": "zh"})
     assert response.headers["X-Cache"] == "BYPASS"
+
+
+def test_a_clock_stepped_back_makes_nothing_fresh() -> None:
+    assert not is_fresh(0.0, 1000.0, 999.5)  # now is before the response: age 0, lifetime 0
+    assert is_fresh(10.0, 1000.0, 999.5) and not is_fresh(10.0, 1000.0, 1010.0)
