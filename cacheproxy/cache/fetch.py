@@ -73,6 +73,7 @@ class Fetcher:
         fills: dict[str, Fill],
         negative: Negative,
         failures: FailureLog,
+        mirrors: MirrorMap,
         *,
         hit: Callable[[ObjectMeta, str], Hit],
         from_store: Callable[[str], Awaitable[ObjectMeta | None]],
@@ -92,7 +93,7 @@ class Fetcher:
         self.from_store = from_store
         self.touch = touch
         self.evict = evict
-        self.mirrors = MirrorMap(config.upstream.mirrors)
+        self.mirrors = mirrors
         self.rules = config.refresh_rules
         self.pump = Pump(upstream, config.upstream.read_timeout)
 

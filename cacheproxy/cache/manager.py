@@ -69,6 +69,7 @@ class Cache:
             self.fills,
             self.negative,
             self.failures,
+            self.mirrors,
             hit=self.hit,
             from_store=self.from_store,
             touch=self.touch,
