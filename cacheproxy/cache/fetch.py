@@ -111,14 +111,12 @@ class Fetcher:
             for _ in range(FOLLOW_ROUNDS):
                 if await self.store.run(lock.try_acquire):
                     break
-                if await self._follow(fill):  # another worker fills this key
+                if await self._follow(fill, stale):  # another worker fills this key
                     return
             else:
                 raise UpstreamFailed("another worker's fill of this URL did not produce a response; try again")
             current = await self.store.stat(fill.key)
-            if current is not None and (
-                stale is None or (current.file, current.response_time) != (stale.file, stale.response_time)
-            ):
+            if current is not None and _newer(current, stale):
                 self.index.put(current)
                 fill.set_outcome(self.hit(current, "HIT"))  # another worker stored it just before we got the lock
                 fill.finish()
@@ -140,7 +138,7 @@ class Fetcher:
             if lock.held:
                 await self.store.run(lock.release)
 
-    async def _follow(self, fill: Fill) -> bool:
+    async def _follow(self, fill: Fill, stale: ObjectMeta | None) -> bool:
         """Serve this process's clients from another worker's fill of the same key.
 
         False when that fill ended without anything to follow (an error answer, say): then this
@@ -150,25 +148,30 @@ class Fetcher:
         try:
             while (head := await self.store.run(watch.head)) is None:
                 if await self.store.run(watch.owner_done):
-                    return await self._follow_done(fill, None)
+                    return await self._follow_done(fill, None, stale)
                 await asyncio.sleep(FOLLOW_POLL)
             try:
                 fill.start_streaming(head.part, Head(CIMultiDict(head.headers), head.size))
             except FileNotFoundError:  # committed (renamed) between reading the head and opening it
-                return await self._follow_done(fill, None)
+                return await self._follow_done(fill, None, stale)
             while True:
                 done = await self.store.run(watch.owner_done)
                 grown = fill.grown()
                 if grown:
                     fill.advance(grown)
                 if done:
-                    return await self._follow_done(fill, head.size)
+                    return await self._follow_done(fill, head.size, stale)
                 await asyncio.sleep(FOLLOW_POLL)
         finally:
             watch.close()
 
-    async def _follow_done(self, fill: Fill, size: int | None) -> bool:
-        """The other worker's fill ended: complete our clients' bodies, or answer from the store."""
+    async def _follow_done(self, fill: Fill, size: int | None, stale: ObjectMeta | None) -> bool:
+        """The other worker's fill ended: complete our clients' bodies, or answer from the store.
+
+        A fill that ended without storing anything new (an error answer, or a fill of this very
+        process whose lock was not released yet) leaves the stale object we came for: then this
+        process fetches the key itself.
+        """
         current = await self.from_store(fill.key)
         if fill.head.done():
             if current is not None and current.size == fill.written and size in (None, fill.written):
@@ -176,7 +179,7 @@ class Fetcher:
             else:
                 fill.set_error(TransferAborted(f"the fill in another worker broke after {fill.written} bytes"))
             return True
-        if current is None:
+        if current is None or not _newer(current, stale):
             return False
         fill.set_outcome(self.hit(current, "HIT"))
         fill.finish()
@@ -351,3 +354,8 @@ class Fetcher:
         if self.shared is not None:
             self.shared.upload_later(meta)
         await self.evict()
+
+
+def _newer(current: ObjectMeta, stale: ObjectMeta | None) -> bool:
+    """Whether the store holds something else than the stale object a fill was started for."""
+    return stale is None or (current.file, current.response_time) != (stale.file, stale.response_time)

@@ -42,6 +42,7 @@ class Pump:
         self.upstream = upstream
         self._read_timeout = read_timeout
         self._splicing = 0
+        self.splicers = SPLICERS  # bodies spliced at once; more go through the event loop
         self._pool = ThreadPoolExecutor(max_workers=SPLICERS, thread_name_prefix="cacheproxy-splice")
 
     def close(self) -> None:
@@ -86,10 +87,16 @@ class Pump:
 
         try:
             while True:
-                if size is not None and self._splicing < SPLICERS and (detached := response.detach_socket()):
+                if size is not None and self._splicing < self.splicers and (detached := response.detach_socket()):
+                    held, sock = detached
+                    if sock is None:  # aiohttp holds more (or all) of the body: take what it has, read on
+                        if held:
+                            buffer.append(held)
+                            buffered += len(held)
+                        continue
                     await drain()
                     try:
-                        await self._splice_rest(fill, writer, size, *detached)
+                        await self._splice_rest(fill, writer, size, held, sock)
                     except BODY_ERRORS as exc:
                         response.close()
                         response = await self._resume(response, writer.written, validator, budget, forward, exc)

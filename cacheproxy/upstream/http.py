@@ -83,32 +83,44 @@ class UpstreamResponse:
         """The body, or its first ``limit + 1`` bytes when it is longer."""
         return await self.raw.content.read(limit + 1)
 
-    def detach_socket(self) -> tuple[bytes, int] | None:
+    def detach_socket(self) -> tuple[bytes, int | None] | None:
         """Take the rest of a plain-TCP body of known length out of aiohttp's hands.
 
         Returns the body bytes aiohttp already holds and a duplicate of the connection's socket,
         with aiohttp no longer reading from it, so the rest can be spliced from the socket into a
         file without passing through Python. The connection cannot be reused afterwards: close
-        the response when done. None when this is not possible (TLS, chunked, unknown length).
+        the response when done. The socket is None when aiohttp still holds bytes it has read
+        (or the whole body arrived while draining): the caller keeps reading through aiohttp.
+        None when this is not possible (TLS, chunked, unknown length, the body is in already).
         """
         conn = self.raw.connection
-        if conn is None or conn.protocol is None or self.content_length is None:
+        protocol = conn.protocol if conn is not None else None
+        if protocol is None or self.content_length is None:
             return None
         if "chunked" in self.raw.headers.get("Transfer-Encoding", "").lower():
             return None
-        transport = conn.transport
+        transport = protocol.transport
         if transport is None or transport.is_closing() or transport.get_extra_info("sslcontext") is not None:
             return None
         sock = transport.get_extra_info("socket")
         content = self.raw.content
-        if sock is None or content.exception() is not None:
+        if sock is None or content.exception() is not None or content.is_eof():
             return None
+        # Drain until nothing is buffered. A read can make aiohttp resume a paused parser, which
+        # feeds bytes it held (even the rest of the body, which releases the connection) back
+        # into the stream, so read until a read comes back empty.
+        pieces: list[bytes] = []
         try:
-            data = content.read_nowait()
+            while piece := content.read_nowait():
+                pieces.append(piece)
         except RuntimeError:  # someone is waiting on the stream
-            return None
-        conn.protocol.pause_reading()  # also stops aiohttp's read timeout: the splicer has its own
-        return data, os.dup(sock.fileno())
+            if not pieces:
+                return None
+        held = b"".join(pieces)
+        if content.is_eof() or self.raw.connection is None or transport.is_closing():
+            return held, None
+        protocol.pause_reading()  # also stops aiohttp's read timeout: the splicer has its own
+        return held, os.dup(sock.fileno())
 
     def release(self) -> None:
         self.raw.release()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+
+from yarl import URL
 
 from cacheproxy.cache.freshness import freshness, is_fresh
 from cacheproxy.config import load_config
+from cacheproxy.storage.flight import FillLock
 
 from ..conftest import MakeProxy, Proxy
 from ..origin import Origin
@@ -109,3 +113,23 @@ async def test_vary_mismatch_bypasses(proxy: Proxy, origin: Origin) -> None:
 def test_a_clock_stepped_back_makes_nothing_fresh() -> None:
     assert not is_fresh(0.0, 1000.0, 999.5)  # now is before the response: age 0, lifetime 0
     assert is_fresh(10.0, 1000.0, 999.5) and not is_fresh(10.0, 1000.0, 1010.0)
+
+
+async def test_a_fill_that_stored_nothing_new_does_not_make_a_stale_object_a_hit(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    """A fill ending while its lock is still held (released in the I/O pool a moment after its
+    client got an answer) is followed by the next request: what the store then holds is the same
+    stale object, which must be revalidated (here: served STALE, the origin being down), not
+    served as a fresh HIT."""
+    proxy = await make_proxy(upstream__retries=0)
+    origin.add("/notes.txt", body=b"notes", headers={"Cache-Control": "max-age=0"})
+    url = origin.url("/notes.txt")
+    await proxy.get(url)
+    await proxy.wait_idle()
+    await origin.stop()
+    lock = FillLock.for_key(proxy.state.cache.store.tmp_dir, proxy.state.cache.key_for(URL(url)))
+    assert lock.try_acquire()
+    asyncio.get_running_loop().call_later(0.2, lock.release)
+    response, body = await proxy.get(url)
+    assert response.headers["X-Cache"] == "STALE" and body == b"notes"
