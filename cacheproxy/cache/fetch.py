@@ -1,10 +1,11 @@
 """Single-flight fills: one origin fetch per key, in this process and across workers.
 
 A fill takes the key's lock file (another worker holding it is followed instead: its growing temp
-file is streamed), fetches from the origin with retries and mirrors, revalidates a stale object
-with its validators, shares a small error answer with every waiting client (and remembers a
-404/410 for ``rules.negative_ttl``), streams a storable body into the store through the
-:class:`~.pump.Pump`, and commits it: hashed, renamed and indexed before it is ever a hit.
+file is streamed), fetches from the origin with the first client's end-to-end headers, retries
+and mirrors, revalidates a stale object with its validators, shares a small error answer that may
+not be stored with every waiting client, streams a storable response (of any status RFC 9111
+allows) into the store through the :class:`~.pump.Pump`, and commits it: hashed, renamed and
+indexed before it is ever a hit.
 """
 
 from __future__ import annotations
@@ -22,23 +23,24 @@ from yarl import URL
 
 from ..config import Config
 from ..errors import ProxyError, TransferAborted, UpstreamFailed
+from ..headers import end_to_end, for_storage, request_to_origin, updated
 from ..ops.logging import redact
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta, Spool, SpoolWriter
 from ..storage.flight import FillLock, HeadFile, Watch
-from ..upstream.http import BODY_ERRORS, HttpUpstream, Response, describe, end_to_end
+from ..upstream.http import BODY_ERRORS, HttpUpstream, Response, describe
 from ..upstream.retry import RetryBudget
-from .fill import Buffered, Fill, Head, Hit, Negative, Passthrough
-from .freshness import freshness, unstorable_reason
+from .fill import Buffered, Fill, Head, Hit, Passthrough
+from .freshness import freshness, initial_age, unstorable_reason
 from .index import Index
 from .keys import MirrorMap
 from .pump import Pump
 from .shared import SharedTier
+from .variants import nominated, vary_matches
 
 log = logging.getLogger(__name__)
 
-FORWARDED_REQUEST_HEADERS = ("User-Agent", "Accept", "Accept-Language")
-BUFFER_LIMIT = 64 << 10  # origin error bodies up to this size are shared with every waiting client
+BUFFER_LIMIT = 64 << 10  # error answers up to this size are shared with every waiting client, or stored
 FOLLOW_POLL = 0.005  # seconds between looks at another worker's fill
 FOLLOW_ROUNDS = 3  # fills of other workers followed before giving up on a key
 ARCHIVE = re.compile(r"\.(tar|tgz|tbz2?|txz|gz|xz|bz2|zst|lz|lzma|zip|7z|rpm|srpm|deb|jar|gem|crate|whl)$", re.I)
@@ -71,14 +73,13 @@ class Fetcher:
         index: Index,
         shared: SharedTier | None,
         fills: dict[str, Fill],
-        negative: Negative,
         failures: FailureLog,
         mirrors: MirrorMap,
         *,
         hit: Callable[[ObjectMeta, str], Hit],
         from_store: Callable[[str], Awaitable[ObjectMeta | None]],
         touch: Callable[[ObjectMeta], None],
-        evict: Callable[[], Awaitable[int]],
+        stored: Callable[[ObjectMeta], Awaitable[None]],
     ) -> None:
         self.config = config
         self.store = store
@@ -87,25 +88,24 @@ class Fetcher:
         self.index = index
         self.shared = shared
         self.fills = fills
-        self.negative = negative
         self.failures = failures
         self.hit = hit
         self.from_store = from_store
         self.touch = touch
-        self.evict = evict
+        self.stored = stored
         self.mirrors = mirrors
         self.rules = config.refresh_rules
         self.pump = Pump(upstream, config.upstream.read_timeout)
 
     def start(self, key: str, url: URL, stale: ObjectMeta | None, headers: Mapping[str, str]) -> Fill:
-        fill = Fill(key)
+        fill = Fill(key, headers)
         self.fills[key] = fill
-        forward = {k: headers[k] for k in FORWARDED_REQUEST_HEADERS if k in headers}
+        forward = request_to_origin(headers, fill=True)
         fill.task = asyncio.create_task(self._run(fill, url, stale, forward), name=f"fill {key}")
         self.metrics.fills_in_progress.inc()
         return fill
 
-    async def _run(self, fill: Fill, url: URL, stale: ObjectMeta | None, forward: dict[str, str]) -> None:
+    async def _run(self, fill: Fill, url: URL, stale: ObjectMeta | None, forward: CIMultiDict[str]) -> None:
         lock = FillLock.for_key(self.store.tmp_dir, fill.key)
         try:
             for _ in range(FOLLOW_ROUNDS):
@@ -116,7 +116,7 @@ class Fetcher:
             else:
                 raise UpstreamFailed("another worker's fill of this URL did not produce a response; try again")
             current = await self.store.stat(fill.key)
-            if current is not None and _newer(current, stale):
+            if current is not None and _newer(current, stale) and vary_matches(current.vary, fill.request_headers):
                 self.index.put(current)
                 fill.set_outcome(self.hit(current, "HIT"))  # another worker stored it just before we got the lock
                 fill.finish()
@@ -151,7 +151,7 @@ class Fetcher:
                     return await self._follow_done(fill, None, stale)
                 await asyncio.sleep(FOLLOW_POLL)
             try:
-                fill.start_streaming(head.part, Head(CIMultiDict(head.headers), head.size))
+                fill.start_streaming(head.part, Head(CIMultiDict(head.headers), head.size, head.status))
             except FileNotFoundError:  # committed (renamed) between reading the head and opening it
                 return await self._follow_done(fill, None, stale)
             while True:
@@ -179,20 +179,20 @@ class Fetcher:
             else:
                 fill.set_error(TransferAborted(f"the fill in another worker broke after {fill.written} bytes"))
             return True
-        if current is None or not _newer(current, stale):
+        if current is None or not _newer(current, stale) or not vary_matches(current.vary, fill.request_headers):
             return False
         fill.set_outcome(self.hit(current, "HIT"))
         fill.finish()
         return True
 
     async def _fetch(
-        self, fill: Fill, url: URL, stale: ObjectMeta | None, forward: dict[str, str], lock: FillLock
+        self, fill: Fill, url: URL, stale: ObjectMeta | None, forward: CIMultiDict[str], lock: FillLock
     ) -> None:
         started = time.monotonic()
         budget = self.upstream.new_budget()
         response: Response | None = None
         try:
-            request_headers = dict(forward)
+            request_headers = CIMultiDict(forward)
             if stale is not None:
                 if stale.etag:
                     request_headers["If-None-Match"] = stale.etag
@@ -213,32 +213,34 @@ class Fetcher:
                 owned.release()
                 await self._revalidated(fill, stale, owned)
                 return
-            if owned.status != 200:
-                await self._origin_error(fill, url, owned)
+            if owned.status >= 400:
+                self.failures.record(url, f"origin answered {owned.status}")
+            # An ftp:// answer is private to its login, which is part of its key: the rule for
+            # Authorization (RFC 9111 3.5) is about sharing one user's HTTP answer with others.
+            asked = forward if url.scheme != "ftp" else {k: v for k, v in forward.items() if k != "Authorization"}
+            not_stored = unstorable_reason(owned.status, owned.headers, asked)
+            if owned.status != 200 and (not_stored is not None or owned.status == 304):
+                await self._not_stored(fill, owned)
                 return
-            await self._fill_body(fill, url, owned, budget, forward, lock)
+            await self._fill_body(fill, url, owned, budget, forward, lock, not_stored)
             self.metrics.upstream_fetch_seconds.observe(time.monotonic() - started)
         finally:
             if response is not None:
                 response.release()
 
     async def _revalidated(self, fill: Fill, stale: ObjectMeta, response: Response) -> None:
-        # The 304 may update validators and freshness; what it leaves out stays as stored.
-        merged: CIMultiDict[str] = CIMultiDict()
-        if stale.etag:
-            merged["ETag"] = stale.etag
-        if stale.last_modified:
-            merged["Last-Modified"] = stale.last_modified
-        for name in ("ETag", "Last-Modified", "Cache-Control", "Expires", "Date"):
-            if name in response.headers:
-                merged[name] = response.headers[name]
+        """RFC 9111 4.3.4: the 304's fields replace the stored ones; freshness starts again."""
         now = time.time()
-        fresh = freshness(URL(stale.url).path, merged, now, self.rules)
+        stale.headers = updated(stale.header_pairs(), response.headers)
+        merged = CIMultiDict((k, v) for k, v in stale.headers)
+        fresh = freshness(URL(stale.url).path, stale.status, merged, now, self.rules, self.config.rules.negative_ttl)
         stale.response_time = now
+        stale.initial_age = initial_age(response.headers, response.request_time, now)
         stale.lifetime = fresh.lifetime
         stale.must_revalidate = fresh.must_revalidate
         stale.etag = merged.get("ETag") or None
         stale.last_modified = merged.get("Last-Modified") or None
+        stale.content_type = merged.get("Content-Type") or stale.content_type
         if not stale.file and self.shared is not None:  # only the shared store has the body
             await self.shared.update_meta(stale)
         else:
@@ -248,10 +250,8 @@ class Fetcher:
         fill.set_outcome(self.hit(stale, "REVALIDATED"))
         fill.finish()
 
-    async def _origin_error(self, fill: Fill, url: URL, response: Response) -> None:
-        """A non-200 final answer: shared with every waiter when small, remembered if 404/410."""
-        if response.status >= 400:
-            self.failures.record(url, f"origin answered {response.status}")
+    async def _not_stored(self, fill: Fill, response: Response) -> None:
+        """An answer other than 200 that may not be stored: shared with every waiter when small."""
         length = response.content_length
         if length is not None and length > BUFFER_LIMIT:
             fill.set_outcome(Passthrough(response))
@@ -265,10 +265,7 @@ class Fetcher:
             response.close()
             raise UpstreamFailed(f"origin answered {response.status} with an error body over {BUFFER_LIMIT} bytes")
         response.release()
-        buffered = Buffered(response.status, end_to_end(response.headers), body)
-        if response.status in (404, 410) and self.config.rules.negative_ttl > 0:
-            self.negative[fill.key] = (time.monotonic() + self.config.rules.negative_ttl, buffered)
-        fill.set_outcome(buffered)
+        fill.set_outcome(Buffered(response.status, end_to_end(response.headers), body))
 
     async def _fill_body(
         self,
@@ -276,15 +273,16 @@ class Fetcher:
         url: URL,
         response: Response,
         budget: RetryBudget,
-        forward: dict[str, str],
+        forward: CIMultiDict[str],
         lock: FillLock,
+        not_stored: str | None,
     ) -> None:
         headers = response.headers
         size = response.content_length
-        not_stored = unstorable_reason(headers)
-        max_size = self.config.cache.max_object_size
+        # An error answer is kept only when small: the archives are what the store is for.
+        max_size = self.config.cache.max_object_size if response.status < 400 else BUFFER_LIMIT
         if not_stored is None and size is not None and size > max_size:
-            not_stored = f"larger than cache.max_object_size ({size} > {max_size})"
+            not_stored = f"larger than the limit for status {response.status} ({size} > {max_size})"
         html = "text/html" in headers.get("Content-Type", "").lower()
         if not_stored is None and html and self.config.rules.refuse_html_archives and ARCHIVE.search(url.path):
             self.failures.record(url, "origin answered an HTML page for an archive URL")
@@ -294,10 +292,12 @@ class Fetcher:
             fill.set_outcome(Passthrough(response))
             return
         chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        first = response  # a resumed transfer ends with a 206: the object is what the first answered
         writer = await self.store.begin_write(fill.key)
         try:
-            head = Head(end_to_end(headers), size)
-            await self.store.run(lock.publish, HeadFile(writer.path, list(head.headers.items()), size))
+            head = Head(end_to_end(headers), size, response.status)
+            head.headers.popall("Set-Cookie", None)  # one user's: never shared with the followers
+            await self.store.run(lock.publish, HeadFile(writer.path, list(head.headers.items()), size, response.status))
             fill.start_streaming(writer.path, head)
             response = await self.pump.tee(fill, response, writer, budget, forward, size)
             if size is not None and writer.written != size:
@@ -308,7 +308,7 @@ class Fetcher:
                 log.info("not storing %s: body length unknown (no Content-Length, not chunked)", url)
                 await writer.abort()
                 return
-            await self._commit(fill.key, url, response, writer)
+            await self._commit(fill.key, url, first, writer)
         except BaseException as exc:
             await writer.abort()
             if isinstance(exc, TransferAborted):
@@ -319,17 +319,13 @@ class Fetcher:
             raise
         finally:
             response.release()
+            first.release()
 
     async def _commit(self, key: str, url: URL, response: Response, writer: SpoolWriter) -> None:
         now = time.time()
         sha256, md5 = await writer.digests()
-        fresh = freshness(url.path, response.headers, now, self.rules)
-        vary = {}
-        for name in response.headers.get("Vary", "").split(","):
-            name = name.strip()
-            if name and name.lower() != "accept-encoding":  # we always fetch the identity encoding
-                vary[name] = response.request_headers.get(name, "")
         h = response.headers
+        fresh = freshness(url.path, response.status, h, now, self.rules, self.config.rules.negative_ttl)
         meta = ObjectMeta(
             key=key,
             url=str(url.with_user(None)),  # no FTP credentials in the store
@@ -345,15 +341,18 @@ class Fetcher:
             content_encoding=h.get("Content-Encoding"),
             etag=h.get("ETag"),
             last_modified=h.get("Last-Modified"),
-            vary=vary,
+            vary=nominated(h, response.request_headers),
             last_access=now,
+            status=response.status,
+            headers=for_storage(h),
+            initial_age=initial_age(h, response.request_time, now),
         )
         meta = await writer.commit(meta)
         self.index.put(meta)
         log.info("stored %s (%d bytes, sha256 %s)", url, meta.size, sha256)
         if self.shared is not None:
             self.shared.upload_later(meta)
-        await self.evict()
+        await self.stored(meta)
 
 
 def _newer(current: ObjectMeta, stale: ObjectMeta | None) -> bool:

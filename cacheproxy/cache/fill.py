@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from multidict import CIMultiDict
@@ -25,6 +25,7 @@ class Head:
 
     headers: CIMultiDict[str]  # end-to-end headers for the client
     size: int | None  # Content-Length, when known
+    status: int = 200
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Streaming:
 
 @dataclass
 class Buffered:
-    """A small answer held in memory: an origin error, or a remembered 404/410."""
+    """A small answer held in memory: an origin's error that is not stored, shared by its waiters."""
 
     status: int
     headers: CIMultiDict[str]
@@ -75,13 +76,15 @@ class Passthrough:
 
 
 Outcome = Streaming | Buffered | Hit | Passthrough
-Negative = dict[str, tuple[float, Buffered]]  # key -> (until, a remembered 404/410 of the origin)
 
 
 class Fill:
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, request_headers: Mapping[str, str] | None = None) -> None:
         self.key = key
-        self.head: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.request_headers: Mapping[str, str] = request_headers or {}  # the first client's (Vary)
+        loop = asyncio.get_running_loop()
+        self.head: asyncio.Future[Outcome] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()  # the fill is over (committed or not)
         self.written = 0
         self.finished = False  # the whole body is in the file
         self.error: str | None = None  # the body cannot be completed
@@ -121,6 +124,8 @@ class Fill:
         self._wake()
 
     def close(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
         if self._read_fd is not None:
             os.close(self._read_fd)
             self._read_fd = None

@@ -31,7 +31,7 @@ RECHECK = 1.0  # seconds between looks at whether another worker removed a ready
 class Ready:
     """One object's body, ready to go out: in memory (``body``) or as an open file (``fd``)."""
 
-    __slots__ = ("body", "checked", "fd", "head", "signature")
+    __slots__ = ("body", "checked", "dated", "fd", "head", "signature")
 
     def __init__(self, meta: ObjectMeta, body: bytes | None, fd: int) -> None:
         self.signature = _signature(meta)
@@ -39,6 +39,7 @@ class Ready:
         self.fd = fd
         self.checked = time.monotonic()
         self.head: bytes | None = None  # the unchanging part of the answer's head, made on first use
+        self.dated = False  # the head holds the origin's Date (else each answer gets the time now)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -3,24 +3,31 @@
 Eviction removes the least recently used objects when the store passes ``cache.high_watermark``
 of ``cache.max_size``, down to ``cache.low_watermark``, never one that is being filled or that
 the shared tier does not hold yet. The periodic clean-up (``cache.cleanup_interval``) also writes
-access times and the index snapshot, takes in what other workers stored, forgets expired negative
-answers and removes leftovers of interrupted fills.
+access times and the index snapshot, takes in what other workers stored, removes expired error
+answers and leftovers of interrupted fills. Stored error answers (a 404, 410, ...) are bounded by
+count and bytes on their own, so that clients asking for random missing URLs cannot crowd out
+the archives.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
 from ..config import Config
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta, Spool
-from .fill import Fill, Negative
+from .fill import Fill
+from .freshness import is_fresh
 from .hot import HotBodies
 from .index import Index
 from .shared import SharedTier
 
 log = logging.getLogger(__name__)
+
+ERROR_ANSWERS = 10_000  # stored error answers kept at most ...
+ERROR_BYTES = 64 << 20  # ... and bytes of them in all
 
 
 class Housekeeper:
@@ -32,7 +39,6 @@ class Housekeeper:
         index: Index,
         shared: SharedTier | None,
         fills: dict[str, Fill],
-        negative: Negative,
         hot: HotBodies,
     ) -> None:
         self.config = config
@@ -41,8 +47,9 @@ class Housekeeper:
         self.index = index
         self.shared = shared
         self.fills = fills
-        self.negative = negative
         self.hot = hot
+        self._errors: collections.OrderedDict[str, int] = collections.OrderedDict()  # key -> size
+        self._error_bytes = 0
         self._dirty: set[str] = set()
         self._evicting = False
 
@@ -89,7 +96,30 @@ class Housekeeper:
             self._evicting = False
         return evicted
 
+    async def stored(self, meta: ObjectMeta) -> None:
+        """A new object was committed: bound the error answers, then the store."""
+        if meta.status >= 400:
+            self._note_error(meta)
+            while len(self._errors) > ERROR_ANSWERS or self._error_bytes > ERROR_BYTES:
+                oldest = self.index.get(next(iter(self._errors)))
+                if oldest is None:
+                    self._forget_error(next(iter(self._errors)))
+                    continue
+                await self.purge(oldest)
+        await self.evict_if_needed()
+
+    def _note_error(self, meta: ObjectMeta) -> None:
+        self._forget_error(meta.key)
+        self._errors[meta.key] = meta.size
+        self._error_bytes += meta.size
+
+    def _forget_error(self, key: str) -> None:
+        size = self._errors.pop(key, None)
+        if size is not None:
+            self._error_bytes -= size
+
     async def purge(self, meta: ObjectMeta) -> None:
+        self._forget_error(meta.key)
         self.index.remove(meta.key)
         self._dirty.discard(meta.key)
         self.hot.discard(meta.key)
@@ -105,6 +135,15 @@ class Housekeeper:
             fresh.put(meta)
         fresh.loaded = True
         self.index.replace(fresh)
+        self.count_errors()
+
+    def count_errors(self) -> None:
+        """Take stock of the error answers the index holds (after a load)."""
+        self._errors.clear()
+        self._error_bytes = 0
+        for meta in self.index:
+            if meta.status >= 400:
+                self._note_error(meta)
 
     async def cleanup(self) -> None:
         """Periodic: persist access times, evict, remove leftovers of interrupted fills."""
@@ -113,9 +152,17 @@ class Housekeeper:
             await self.reload_index()
         await self.save_snapshot()
         await self.evict_if_needed()
-        now = time.monotonic()
-        for key in [k for k, (until, _) in self.negative.items() if until <= now]:
-            del self.negative[key]
+        now = time.time()
+        for key in list(self._errors):
+            meta = self.index.get(key)
+            if meta is None:
+                self._forget_error(key)
+            elif (
+                not meta.etag
+                and not meta.last_modified
+                and not is_fresh(meta.lifetime, meta.response_time, now, meta.initial_age)
+            ):
+                await self.purge(meta)  # expired, and nothing to revalidate it with
         removed = await self.store.run(self.store.remove_stale_temp)
         if removed:
             log.info("removed %d leftover temp file(s)", removed)

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
+import os
 import re
+import secrets
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from yarl import URL
+
+log = logging.getLogger(__name__)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -66,3 +75,40 @@ class MirrorMap:
         group, rest = found
         others = [URL(prefix + rest, encoded=True) for prefix in group]
         return [url, *(u for u in others if normalize(u) != normalize(url))]
+
+
+class Credentials:
+    """Keys of private answers: a credential (``Authorization``, or the user and password of an
+    ``ftp://user:pass@`` URL) is part of the cache key as a keyed hash, never in clear. The key
+    is made once per store (``credentials.key``, mode 0600) and shared by its workers."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._secret: bytes | None = None
+
+    def _load(self) -> bytes:
+        path = self._path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                for _ in range(20):  # another worker may still be writing it
+                    secret = path.read_bytes()
+                    if len(secret) >= 32:
+                        return secret
+                    time.sleep(0.01)
+                raise OSError(f"{path} is shorter than 32 bytes") from None
+            secret = secrets.token_bytes(32)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secret)
+            return secret
+        except OSError as exc:  # a read-only store: private answers are keyed for this process only
+            log.warning("cannot keep the credential key in %s (%s); using one for this process", path, exc)
+            return secrets.token_bytes(32)
+
+    def suffix(self, credential: str) -> str:
+        if self._secret is None:
+            self._secret = self._load()
+        digest = hmac.new(self._secret, credential.encode("utf-8", "surrogateescape"), hashlib.sha256)
+        return "#cred=" + digest.hexdigest()[:32]

@@ -16,26 +16,31 @@ import logging
 import time
 from collections.abc import Mapping
 
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from ..config import Config
+from ..headers import request_to_origin
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta, Spool
-from ..upstream.http import HttpUpstream, end_to_end
+from ..upstream.http import HttpUpstream
 from ..upstream.retry import RetryBudget
-from .fetch import FORWARDED_REQUEST_HEADERS, Failure, FailureLog, Fetcher
-from .fill import Buffered, Fill, Hit, Negative, Outcome, Passthrough
-from .freshness import client_wants_revalidation, is_fresh
+from .fetch import Failure, FailureLog, Fetcher
+from .fill import Buffered, Fill, Hit, Outcome, Passthrough, Streaming
+from .freshness import FRESH, PLAIN, VALIDATE, RequestDirectives, request_directives, reuse
 from .hot import HotBodies
 from .housekeeping import Housekeeper
 from .index import Index
-from .keys import MirrorMap
+from .keys import Credentials, MirrorMap
 from .shared import SharedTier
+from .variants import nominated, vary_matches
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_AFTER = 1000  # entries read one by one at start that make a new snapshot worth writing
 KNOWN_KEYS = 10_000  # URLs whose cache key is remembered
+COMMIT_WAIT = 30.0  # seconds a request waits for the commit of a fill whose body is complete
+UNSAFE_KEEP = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # methods that invalidate nothing
 
 
 class Cache:
@@ -55,10 +60,10 @@ class Cache:
         self.index = Index()
         self.mirrors = MirrorMap(config.upstream.mirrors)
         self.fills: dict[str, Fill] = {}
-        self.negative: Negative = {}
         self.failures = FailureLog()
+        self.credentials = Credentials(store.tmp_dir.parent / "credentials.key")
         self.hot = HotBodies(store, self.forget)
-        self.housekeeper = Housekeeper(config, store, metrics, self.index, shared, self.fills, self.negative, self.hot)
+        self.housekeeper = Housekeeper(config, store, metrics, self.index, shared, self.fills, self.hot)
         self.fetcher = Fetcher(
             config,
             store,
@@ -67,13 +72,12 @@ class Cache:
             self.index,
             shared,
             self.fills,
-            self.negative,
             self.failures,
             self.mirrors,
             hit=self.hit,
             from_store=self.from_store,
             touch=self.touch,
-            evict=self.evict_if_needed,
+            stored=self.housekeeper.stored,
         )
         self._keys: dict[URL, str] = {}  # cache keys of the URLs asked for last
         self._snapshot: asyncio.Task[None] | None = None
@@ -107,6 +111,7 @@ class Cache:
         async for meta in self.store.scan():
             self.index.put(meta)
         self.index.loaded = True
+        self.housekeeper.count_errors()
         log.info(
             "index loaded: %d objects, %d bytes in %.2fs (%d read one by one)",
             len(self.index),
@@ -139,17 +144,19 @@ class Cache:
         if self.shared is not None:
             await self.shared.close()
 
-    def key_for(self, url: URL) -> str:
+    def key_for(self, url: URL, headers: Mapping[str, str] | None = None) -> str:
+        """The cache key of a request: its URL's, plus its credentials' keyed hash if it has any."""
         key = self._keys.get(url)
         if key is None:
             key = self.mirrors.key(url)
+            if url.raw_user is not None:
+                key += self.credentials.suffix(f"{url.raw_user}:{url.raw_password or ''}")
             if len(self._keys) >= KNOWN_KEYS:
                 self._keys.clear()
             self._keys[url] = key
+        if headers is not None and (authorization := headers.get("Authorization")) is not None:
+            key += self.credentials.suffix(authorization)
         return key
-
-    def _vary_matches(self, meta: ObjectMeta, headers: Mapping[str, str]) -> bool:
-        return all(headers.get(name, "") == value for name, value in meta.vary.items())
 
     async def from_store(self, key: str) -> ObjectMeta | None:
         """An object this process does not know yet, stored by another worker or instance."""
@@ -164,16 +171,20 @@ class Cache:
             self.index.remove(meta.key)
         self.hot.discard(meta.key)
 
+    def _usable(self, meta: ObjectMeta, headers: Mapping[str, str], req: RequestDirectives) -> str:
+        if meta.vary and not vary_matches(meta.vary, headers):
+            return VALIDATE  # another variant: this request needs its own answer
+        return reuse(meta.lifetime, meta.must_revalidate, meta.initial_age, meta.response_time, time.time(), req)
+
     def fresh(self, url: URL, headers: Mapping[str, str]) -> Hit | None:
-        """The fresh hit for this request that this process can answer at once, or None.
+        """The fresh hit for a plain request (no credentials, no Cache-Control) that this process
+        can answer at once, or None.
 
         Raise FileNotFoundError when the object turned out removed by another worker (it is
         forgotten here; a new lookup goes on from the store).
         """
         meta = self.index.get(self.key_for(url))
-        if meta is None or (meta.vary and not self._vary_matches(meta, headers)):
-            return None
-        if not is_fresh(meta.lifetime, meta.response_time, time.time()) or client_wants_revalidation(headers):
+        if meta is None or self._usable(meta, headers, PLAIN) != FRESH:
             return None
         ready = self.hot.get(meta)
         self.touch(meta)
@@ -188,64 +199,81 @@ class Cache:
             return Hit(meta, x_cache, redirect=shared.signed_url(meta))
         return Hit(meta, x_cache, remote=lambda start, stop: shared.remote.read(meta, start, stop))
 
-    async def get(self, url: URL, method: str, headers: Mapping[str, str]) -> Outcome:
+    async def get(self, url: URL, method: str, headers: Mapping[str, str], *, waited: bool = False) -> Outcome:
         if self.shared is not None and self.shared.is_own(url):
             # A signed URL of our own bucket, fetched through us: pass it on, never a second copy.
             return await self.bypass(url, method, headers)
-        try:
-            hit = self.fresh(url, headers)
-        except FileNotFoundError:  # another worker removed it: look again below
-            hit = None
-        if hit is not None:
-            return hit
-        key = self.key_for(url)
+        req = request_directives(headers)
+        if req.no_store:  # nothing of this exchange may be stored
+            return await self.bypass(url, method, headers)
+        key = self.key_for(url, headers)
         meta = self.index.get(key)
         if meta is None and key not in self.fills:
             meta = await self.from_store(key)
             if meta is None and self.shared is not None:
                 meta = await self.shared.lookup(key)  # another instance may have stored it
-        if meta is not None and not self._vary_matches(meta, headers):
-            return await self.bypass(url, method, headers, x_cache="BYPASS")
-        revalidate = client_wants_revalidation(headers)
-        if meta is not None and not revalidate and is_fresh(meta.lifetime, meta.response_time, time.time()):
-            try:
-                ready = self.hot.get(meta)
-            except FileNotFoundError:  # removed by another worker just now: fetch it again
-                return await self.get(url, method, headers)
-            self.touch(meta)
-            hit = self.hit(meta)
-            hit.ready = ready
-            return hit
-        negative = self.negative.get(key)
-        if negative is not None and not revalidate:
-            if negative[0] > time.monotonic():
-                return Buffered(negative[1].status, negative[1].headers, negative[1].body, "HIT")
-            del self.negative[key]
-        if method == "HEAD" and meta is None:
-            return await self.bypass(url, "HEAD", headers, x_cache="MISS")
+        if meta is not None:
+            usable = self._usable(meta, headers, req)
+            if usable != VALIDATE:
+                try:
+                    ready = self.hot.get(meta)
+                except FileNotFoundError:  # removed by another worker just now: fetch it again
+                    return await self.get(url, method, headers)
+                self.touch(meta)
+                hit = self.hit(meta, "HIT" if usable == FRESH else "STALE")
+                hit.ready = ready
+                return hit
+            if meta.vary and not vary_matches(meta.vary, headers):
+                meta = None  # not a stale copy of what this request asks for
+        if req.only_if_cached:
+            return Buffered(504, CIMultiDict({"Content-Type": "text/plain"}), b"not in the cache (only-if-cached)\n")
         fill = self.fills.get(key)
-        if fill is None:
+        if fill is not None:
+            if fill.finished and fill.error is None and not waited:
+                # The origin's last byte is in: the object is about to be a hit (hashes, sync, rename).
+                await asyncio.wait([asyncio.shield(fill.done)], timeout=COMMIT_WAIT)
+                return await self.get(url, method, headers, waited=True)
+            outcome = await asyncio.shield(fill.head)
+            if _other_variant(outcome, fill, headers):
+                return await self.bypass(url, method, headers)
+        elif method == "HEAD" and meta is None:
+            return await self.bypass(url, "HEAD", headers, x_cache="MISS")
+        else:
             fill = self.fetcher.start(key, url, meta, headers)
-        outcome = await asyncio.shield(fill.head)
+            outcome = await asyncio.shield(fill.head)
         if isinstance(outcome, Passthrough) and outcome.claim() is None:
             return await self.bypass(url, method, headers, x_cache=outcome.x_cache)
         return outcome
 
     async def bypass(self, url: URL, method: str, headers: Mapping[str, str], x_cache: str = "BYPASS") -> Passthrough:
         """Fetch a GET/HEAD for this client alone; nothing is stored."""
-        forward = {k: v for k, v in headers.items() if k in FORWARDED_REQUEST_HEADERS or k == "Range"}
+        forward = request_to_origin(headers)
         response = await self.upstream.open(self.mirrors.candidates(url), forward, self.upstream.new_budget(), method)
         passthrough = Passthrough(response, x_cache)
         passthrough.claim()
         return passthrough
 
     async def forward(self, url: URL, method: str, headers: Mapping[str, str], body: object) -> Passthrough:
-        """Another method (``rules.allow_other_methods``): forwarded once, never retried or stored."""
-        forward = {k: v for k, v in end_to_end(headers).items() if k.lower() != "host"}
-        response = await self.upstream.open([url], forward, RetryBudget(0, 0), method, data=body)
+        """Another method (``rules.allow_other_methods``): forwarded once, never retried or stored.
+        A success invalidates what is stored for the URL and for its ``Location`` and
+        ``Content-Location`` on the same host (RFC 9111 4.4)."""
+        response = await self.upstream.open([url], request_to_origin(headers), RetryBudget(0, 0), method, data=body)
+        if method not in UNSAFE_KEEP and response.status < 400:
+            await self.invalidate(url, headers)
+            for name in ("Location", "Content-Location"):
+                if (value := response.headers.get(name)) is not None:
+                    target = url.join(URL(value, encoded=True))
+                    if target.host == url.host and target.port == url.port:
+                        await self.invalidate(target, headers)
         passthrough = Passthrough(response, "BYPASS")
         passthrough.claim()
         return passthrough
+
+    async def invalidate(self, url: URL, headers: Mapping[str, str]) -> None:
+        for key in {self.key_for(url), self.key_for(url, headers)}:
+            meta = self.index.get(key)
+            if meta is not None and key not in self.fills:
+                await self.purge(meta)
 
     async def readiness(self) -> dict[str, dict[str, object]]:
         """Each check readyz shows: the store takes writes, the index is loaded, OBS answers."""
@@ -264,3 +292,20 @@ class Cache:
                 **({"error": problem} if problem else {}),
             }
         return checks
+
+
+def _other_variant(outcome: Outcome, fill: Fill, headers: Mapping[str, str]) -> bool:
+    """Whether a fill started for another client answers with a variant this request did not ask
+    for (its ``Vary`` names a header the two requests differ in)."""
+    response_headers: MultiMapping[str]
+    if isinstance(outcome, Streaming):
+        response_headers = outcome.head.headers
+    elif isinstance(outcome, Hit):
+        return bool(outcome.meta.vary) and not vary_matches(outcome.meta.vary, headers)
+    elif isinstance(outcome, Buffered):
+        response_headers = outcome.headers
+    else:
+        response_headers = outcome.response.headers
+    if "Vary" not in response_headers:
+        return False
+    return not vary_matches(nominated(response_headers, fill.request_headers), headers)

@@ -54,7 +54,7 @@ class Pump:
         response: Response,
         writer: SpoolWriter,
         budget: RetryBudget,
-        forward: dict[str, str],
+        forward: Mapping[str, str],
         size: int | None,
     ) -> Response:
         """Copy the body into the writer; resume with Range after a drop. Return the last response."""
@@ -176,7 +176,7 @@ class Pump:
         offset: int,
         validator: str | None,
         budget: RetryBudget,
-        forward: dict[str, str],
+        forward: Mapping[str, str],
         cause: BaseException,
     ) -> Response:
         reason = describe(cause)

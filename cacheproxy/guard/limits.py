@@ -51,9 +51,7 @@ class ClientLimits:
     def _prune(self, now: float) -> None:
         """Forget clients whose bucket would be full again and who have nothing in flight."""
         refill = self._burst / self._rate if self._rate > 0 else math.inf
-        self._buckets = {
-            c: b for c, b in self._buckets.items() if b.in_flight or now - b.stamp < refill
-        }
+        self._buckets = {c: b for c, b in self._buckets.items() if b.in_flight or now - b.stamp < refill}
 
     def take(self, client: str) -> None:
         """Spend one request token of ``client``; RateLimited when none is left."""

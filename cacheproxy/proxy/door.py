@@ -335,9 +335,7 @@ class FrontDoor(RequestHandler):
             error = ProxyError("internal error")
         if exc is not None:
             log.debug("refused request from %s: %s", self.client_ip, redact(str(exc)))
-        self.door.observe(
-            Observation(self.client_ip, "-", "-", error.status, 0, "", 0.0, error.code, result="error")
-        )
+        self.door.observe(Observation(self.client_ip, "-", "-", error.status, 0, "", 0.0, error.code, result="error"))
         response = error_response(request, error)
         response.force_close()
         return response

@@ -30,9 +30,21 @@ from .target import TargetCache
 log = logging.getLogger(__name__)
 
 READ_METHODS = frozenset({"GET", "HEAD"})
-# Request headers that ask for more than the plain answer (a part, a condition, a body).
+# Request headers that ask for more than the plain answer (a part, a condition, a body, a say in
+# freshness, credentials that are part of the key).
 NOT_PLAIN = frozenset(
-    {b"range", b"if-range", b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"expect"}
+    {
+        b"range",
+        b"if-range",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"expect",
+        b"cache-control",
+        b"pragma",
+        b"authorization",
+    }
 )
 Service = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 

@@ -16,20 +16,23 @@ import socket
 import struct
 import time
 from email.utils import formatdate
+from http import HTTPStatus
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from ..cache.fill import Buffered, Hit, Outcome, Passthrough, Streaming
-from ..cache.freshness import http_date
+from ..cache.freshness import current_age, http_date
 from ..cache.hot import Ready
-from ..errors import SERVER, VIA, TransferAborted, UpstreamFailed
+from ..errors import SERVER, TransferAborted, UpstreamFailed
+from ..headers import end_to_end, with_via
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta, Spool, StorageUnavailable
-from ..upstream.http import BODY_ERRORS, end_to_end
+from ..upstream.http import BODY_ERRORS
 from .sendfile import send_file
 
 log = logging.getLogger(__name__)
+_KNOWN = frozenset(int(s) for s in HTTPStatus)
 READ_CHUNK = 1 << 20
 SENT = web.RequestKey("sent", int)  # body bytes sent, for the access log
 ANSWERED = web.RequestKey("answered", web.StreamResponse)  # the response whose head went out
@@ -121,24 +124,18 @@ def _if_range_allows(request: web.BaseRequest, meta: ObjectMeta) -> bool:
 
 
 def hit_headers(meta: ObjectMeta, x_cache: str) -> CIMultiDict[str]:
+    """The stored response's headers as a hit replays them (RFC 9111 3.1, 4), with ours."""
     now = time.time()
-    headers: CIMultiDict[str] = CIMultiDict()
-    headers["Content-Type"] = meta.content_type or "application/octet-stream"
-    for name, value in (
-        ("Content-Disposition", meta.content_disposition),
-        ("Content-Encoding", meta.content_encoding),
-        ("ETag", meta.etag),
-        ("Last-Modified", meta.last_modified),
-    ):
-        if value:
-            headers[name] = value
-    headers["Accept-Ranges"] = "bytes"
-    headers["X-Checksum-Sha256"] = meta.sha256
-    headers["X-Checksum-Md5"] = meta.md5
-    headers["Age"] = str(int(max(0.0, now - meta.response_time)))
-    headers["Date"] = http_now(now)
-    headers["Server"] = SERVER
-    headers["Via"] = VIA
+    headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in meta.header_pairs())
+    if meta.status == 200:
+        headers.setdefault("Content-Type", "application/octet-stream")
+        headers["Accept-Ranges"] = "bytes"
+        headers["X-Checksum-Sha256"] = meta.sha256
+        headers["X-Checksum-Md5"] = meta.md5
+    headers["Age"] = str(int(current_age(meta.initial_age, meta.response_time, now)))
+    headers.setdefault("Date", http_now(now))
+    headers.setdefault("Server", SERVER)
+    with_via(headers)
     headers["X-Cache"] = x_cache
     return headers
 
@@ -173,13 +170,19 @@ def plain_hit(meta: ObjectMeta, ready: Ready, method: str, http10: bool, keep_al
     head = ready.head
     if head is None:  # what does not change from one answer to the next, made once
         headers = hit_headers(meta, "HIT")
-        for name in ("Age", "Date"):
-            del headers[name]
-        headers["Content-Length"] = str(meta.size)
-        head = ready.head = ("HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())).encode()
+        del headers["Age"]
+        ready.dated = any(k.lower() == "date" for k, _ in meta.header_pairs())
+        if not ready.dated:
+            del headers["Date"]
+        if meta.status != 204:
+            headers["Content-Length"] = str(meta.size)
+        status = f"{meta.status} {HTTPStatus(meta.status).phrase}" if meta.status in _KNOWN else str(meta.status)
+        head = ready.head = (f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())).encode()
     now = time.time()
     connection = CONNECTION[keep_alive, http10]
-    tail = f"Age: {int(max(0.0, now - meta.response_time))}\r\nDate: {http_now(now)}\r\n{connection}\r\n".encode()
+    date = "" if ready.dated else f"Date: {http_now(now)}\r\n"
+    age = int(current_age(meta.initial_age, meta.response_time, now))
+    tail = f"Age: {age}\r\n{date}{connection}\r\n".encode()
     return head + tail if method == "HEAD" else b"".join((head, tail, body))
 
 
@@ -215,9 +218,14 @@ class Responder:
     async def send_hit(self, request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
         meta, ready = hit.meta, hit.ready
         headers = hit_headers(meta, hit.x_cache)
-        if _not_modified(request, meta):
+        whole = meta.status == 200  # conditions and ranges apply to a stored 200 only
+        if meta.status == 204:
+            return web.Response(status=204, headers=headers)
+        if whole and _not_modified(request, meta):
+            for name in ("Content-Length", "Content-Type", "Content-Encoding", "Content-Range"):
+                headers.popall(name, None)
             return web.Response(status=304, headers=headers)
-        span = _single_range(request, meta.size) if _if_range_allows(request, meta) else None
+        span = _single_range(request, meta.size) if whole and _if_range_allows(request, meta) else None
         if span == "unsatisfiable":
             headers["Content-Range"] = f"bytes */{meta.size}"
             return web.Response(status=416, headers=headers)
@@ -227,7 +235,7 @@ class Responder:
                 headers.popall(name, None)
             return web.Response(status=302, headers=headers)
         start, stop = span if isinstance(span, tuple) else (0, meta.size)
-        status = 206 if isinstance(span, tuple) else 200
+        status = 206 if isinstance(span, tuple) else meta.status
         if isinstance(span, tuple):
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{meta.size}"
         head_only = request.method == "HEAD"
@@ -290,11 +298,10 @@ class Responder:
 
     async def send_streaming(self, request: web.BaseRequest, streaming: Streaming) -> web.StreamResponse:
         fill, size = streaming.fill, streaming.head.size
-        headers = CIMultiDict(streaming.head.headers)
-        headers["Via"] = VIA
+        headers = with_via(CIMultiDict(streaming.head.headers))
         headers["X-Cache"] = "MISS"
-        status, start, stop = 200, 0, size
-        if size is not None:
+        status, start, stop = streaming.head.status, 0, size
+        if size is not None and status == 200:
             headers["Accept-Ranges"] = "bytes"
             span = _single_range(request, size) if "If-Range" not in request.headers else None
             if span == "unsatisfiable":
@@ -337,16 +344,14 @@ class Responder:
         return response
 
     def send_buffered(self, buffered: Buffered) -> web.Response:
-        headers = CIMultiDict(buffered.headers)
-        headers["Via"] = VIA
+        headers = with_via(CIMultiDict(buffered.headers))
         headers["X-Cache"] = buffered.x_cache
         return web.Response(status=buffered.status, body=buffered.body, headers=headers)
 
     async def send_passthrough(self, request: web.BaseRequest, passthrough: Passthrough) -> web.StreamResponse:
         upstream = passthrough.response
         try:
-            headers = end_to_end(upstream.headers)
-            headers["Via"] = VIA
+            headers = with_via(end_to_end(upstream.headers))
             headers["X-Cache"] = passthrough.x_cache
             response = web.StreamResponse(status=upstream.status, headers=headers)
             if upstream.content_length is not None:

@@ -43,13 +43,16 @@ class ObjectMeta:
     content_encoding: str | None = None
     etag: str | None = None
     last_modified: str | None = None
-    vary: dict[str, str] = field(default_factory=dict)  # request header -> value it varied on
+    vary: dict[str, str | None] = field(default_factory=dict)  # request header -> its value (None: absent)
+    status: int = 200
+    headers: list[list[str]] = field(default_factory=list)  # the origin's end-to-end headers, replayed on hits
+    initial_age: float = 0.0  # the response's corrected age when received (RFC 9111 4.2.3)
     last_access: float = 0.0
     file: str = ""  # the body file in the local store ("" when only the shared store has it)
     remote: str = ""  # the object's key in OBS once uploaded
 
     def to_json(self) -> str:
-        data = dict(self.__dict__)  # flat fields and one flat dict: no deep copy needed
+        data = dict(self.__dict__)  # flat fields, a flat dict and a list of pairs: no deep copy needed
         data["lifetime"] = None if math.isinf(self.lifetime) else self.lifetime
         return json.dumps(data, separators=(",", ":"))
 
@@ -64,6 +67,20 @@ class ObjectMeta:
         if data.get("lifetime") is None:
             data["lifetime"] = math.inf
         return cls(**data)
+
+    def header_pairs(self) -> list[list[str]]:
+        """The origin's headers kept with the object (made from its fields for objects stored
+        before whole headers were kept)."""
+        if self.headers:
+            return self.headers
+        legacy = [
+            ("Content-Type", self.content_type),
+            ("Content-Disposition", self.content_disposition),
+            ("Content-Encoding", self.content_encoding),
+            ("ETag", self.etag),
+            ("Last-Modified", self.last_modified),
+        ]
+        return [[k, v] for k, v in legacy if v]
 
     def public(self) -> dict[str, Any]:
         """The fields the admin API and status page show."""

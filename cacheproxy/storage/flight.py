@@ -32,6 +32,7 @@ class HeadFile:
     part: Path  # the growing body
     headers: list[tuple[str, str]]
     size: int | None
+    status: int = 200
 
 
 class FillLock:
@@ -70,7 +71,7 @@ class FillLock:
             os.close(fd)  # the previous owner unlinked it as we opened it: take the new one
 
     def publish(self, head: HeadFile) -> None:
-        data = {"part": head.part.name, "headers": head.headers, "size": head.size}
+        data = {"part": head.part.name, "headers": head.headers, "size": head.size, "status": head.status}
         tmp = self.head_path.with_name(self.head_path.name + ".new")
         tmp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(tmp, self.head_path)
@@ -116,7 +117,7 @@ class Watch:
         except (FileNotFoundError, ValueError):
             return None
         headers = [(str(k), str(v)) for k, v in data["headers"]]
-        return HeadFile(self._spool / data["part"], headers, data["size"])
+        return HeadFile(self._spool / data["part"], headers, data["size"], int(data.get("status", 200)))
 
     def close(self) -> None:
         if self._fd is not None:

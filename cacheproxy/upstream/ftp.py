@@ -46,6 +46,7 @@ class FtpResponse:
         self.status = status
         self.headers = CIMultiDictProxy(headers)
         self.request_headers: Mapping[str, str] = {}
+        self.request_time = time.time()
         self._client = client
         self._stream = stream
         self._body = body

@@ -6,11 +6,12 @@ import asyncio
 import logging
 import os
 import ssl
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from .. import __version__
@@ -29,24 +30,6 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
 RETRY_STATUSES = frozenset({429}) | frozenset(range(500, 600))
 READ_BUFSIZE = 1 << 18
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-        "Proxy-Connection",
-        "Content-Length",
-        "Via",
-        "Age",
-        "Set-Cookie",
-    )
-)
 BODY_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError)
 USER_AGENT = f"cacheproxy/{__version__}"
 
@@ -57,6 +40,7 @@ class UpstreamResponse:
 
     raw: aiohttp.ClientResponse
     url: URL  # the final URL
+    request_time: float = 0.0  # wall clock when the request that got this response went out
 
     @property
     def status(self) -> int:
@@ -130,11 +114,6 @@ class UpstreamResponse:
 
 
 Response = UpstreamResponse | FtpResponse
-
-
-def end_to_end(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    """The origin's headers minus hop-by-hop ones (and those the proxy sets itself)."""
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
 
 
 def describe(exc: BaseException) -> str:
@@ -219,6 +198,7 @@ class HttpUpstream:
             self._guard.check_literal(url.host or "")
             if self._proxy is not None and self._resolver is not None:
                 await self._guard.check_name(self._resolver, url.host or "", url.port or 0)
+            sent = time.time()
             raw = await self._session.request(
                 method,
                 url,
@@ -230,7 +210,7 @@ class HttpUpstream:
             )
             location = raw.headers.get("Location")
             if raw.status not in REDIRECTS or not location:
-                return UpstreamResponse(raw, url)
+                return UpstreamResponse(raw, url, sent)
             raw.release()
             url = url.join(URL(location, encoded=True))
             if raw.status == 303 and method != "HEAD":

@@ -112,9 +112,7 @@ async def test_slow_head_is_408_and_closed(make_proxy: MakeProxy, caplog: pytest
     no_errors_logged(caplog)
 
 
-async def test_head_timer_spares_keep_alive_requests_and_request_bodies(
-    make_proxy: MakeProxy, origin: Origin
-) -> None:
+async def test_head_timer_spares_keep_alive_requests_and_request_bodies(make_proxy: MakeProxy, origin: Origin) -> None:
     """The timer covers heads only: a slow answer or a pause between requests is not a slow head."""
     proxy = await make_proxy(limits__head_timeout="500ms")
     origin.add("/slow.tar.gz", body=b"x" * 1000, delay=1.0)
