@@ -32,8 +32,9 @@ FRAMING = frozenset({"content-length", "host"})
 CLIENT_CONDITIONS = frozenset(
     {"range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since"}
 )
-# Not replayed from a stored response: the cache computes its own Age; cookies are one user's.
-NOT_STORED = frozenset({"age", "set-cookie", "set-cookie2"})
+# Not replayed from a stored response: the cache computes its own Age. (Set-Cookie is kept, as RFC
+# 9111 3.1 says: an origin that sets a cookie on a shareable answer marks it private itself.)
+NOT_STORED = frozenset({"age"})
 
 
 def _connection_named(headers: Mapping[str, str]) -> set[str]:

@@ -296,7 +296,6 @@ class Fetcher:
         writer = await self.store.begin_write(fill.key)
         try:
             head = Head(end_to_end(headers), size, response.status)
-            head.headers.popall("Set-Cookie", None)  # one user's: never shared with the followers
             await self.store.run(lock.publish, HeadFile(writer.path, list(head.headers.items()), size, response.status))
             fill.start_streaming(writer.path, head)
             response = await self.pump.tee(fill, response, writer, budget, forward, size)

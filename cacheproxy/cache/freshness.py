@@ -184,8 +184,8 @@ def freshness(
     must_revalidate = "must-revalidate" in cc or "proxy-revalidate" in cc or "s-maxage" in cc
     if rule is not None and rule.override and status == 200:
         return Freshness(rule.ttl, False)
-    if "no-cache" in cc:
-        return Freshness(0.0, must_revalidate)
+    if "no-cache" in cc:  # never used without a successful validation, not even when unreachable
+        return Freshness(0.0, True)
     for directive in ("s-maxage", "max-age"):
         if directive in cc:
             seconds = delta_seconds(cc[directive])
@@ -235,8 +235,8 @@ def request_directives(headers: Mapping[str, str]) -> RequestDirectives:
         pragma = headers.get("Pragma")
         return PLAIN if pragma is None or "no-cache" not in pragma.lower() else RequestDirectives(no_cache=True)
     cc = parse_cache_control(value)
-    if not cc:
-        return PLAIN
+    if not cc.keys() & {"no-cache", "no-store", "only-if-cached", "max-age", "max-stale", "min-fresh"}:
+        return PLAIN  # nothing a cache acts on (an extension, or nothing at all)
     max_stale: float | None = None
     if "max-stale" in cc:
         arg = cc["max-stale"]
@@ -261,17 +261,33 @@ def is_fresh(lifetime: float, response_time: float, now: float, initial: float =
     return math.isinf(lifetime) or current_age(initial, response_time, now) < lifetime
 
 
-FRESH, STALE_OK, VALIDATE = "fresh", "stale-ok", "validate"
+FRESH, STALE_OK, VALIDATE, REVALIDATE_LATER = "fresh", "stale-ok", "validate", "revalidate-later"
+
+
+def stale_while_revalidate(headers: list[list[str]]) -> int:
+    """RFC 5861: how long past its lifetime a stored response may answer while it is revalidated."""
+    for name, value in headers:
+        if name.lower() == "cache-control" and "stale-while-revalidate" in value.lower():
+            return delta_seconds(parse_cache_control(value).get("stale-while-revalidate")) or 0
+    return 0
 
 
 def reuse(
-    lifetime: float, must_revalidate: bool, initial: float, response_time: float, now: float, req: RequestDirectives
+    lifetime: float,
+    must_revalidate: bool,
+    initial: float,
+    response_time: float,
+    now: float,
+    req: RequestDirectives,
+    revalidate_later: int = 0,
 ) -> str:
     """Whether a stored response may answer a request as it is (FRESH), may answer it although
-    stale because the request allows it (STALE_OK), or must be validated first (VALIDATE)."""
+    stale because the request allows it (STALE_OK), may answer it stale while it is revalidated
+    in the background (REVALIDATE_LATER: within ``stale-while-revalidate``), or must be validated
+    first (VALIDATE)."""
     if req.no_cache:
         return VALIDATE
-    if math.isinf(lifetime) and req is PLAIN:
+    if math.isinf(lifetime) and req == PLAIN:
         return FRESH
     age = current_age(initial, response_time, now)
     if req.max_age is not None and age > req.max_age:
@@ -280,4 +296,6 @@ def reuse(
         return FRESH
     if req.max_stale is not None and not must_revalidate and age - lifetime <= req.max_stale:
         return STALE_OK
+    if revalidate_later and req == PLAIN and not must_revalidate and age - lifetime <= revalidate_later:
+        return REVALIDATE_LATER
     return VALIDATE

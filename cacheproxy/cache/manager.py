@@ -27,7 +27,16 @@ from ..upstream.http import HttpUpstream
 from ..upstream.retry import RetryBudget
 from .fetch import Failure, FailureLog, Fetcher
 from .fill import Buffered, Fill, Hit, Outcome, Passthrough, Streaming
-from .freshness import FRESH, PLAIN, VALIDATE, RequestDirectives, request_directives, reuse
+from .freshness import (
+    FRESH,
+    PLAIN,
+    REVALIDATE_LATER,
+    VALIDATE,
+    RequestDirectives,
+    request_directives,
+    reuse,
+    stale_while_revalidate,
+)
 from .hot import HotBodies
 from .housekeeping import Housekeeper
 from .index import Index
@@ -174,7 +183,11 @@ class Cache:
     def _usable(self, meta: ObjectMeta, headers: Mapping[str, str], req: RequestDirectives) -> str:
         if meta.vary and not vary_matches(meta.vary, headers):
             return VALIDATE  # another variant: this request needs its own answer
-        return reuse(meta.lifetime, meta.must_revalidate, meta.initial_age, meta.response_time, time.time(), req)
+        now = time.time()
+        usable = reuse(meta.lifetime, meta.must_revalidate, meta.initial_age, meta.response_time, now, req)
+        if usable == VALIDATE and req == PLAIN and (window := stale_while_revalidate(meta.header_pairs())):
+            return reuse(meta.lifetime, meta.must_revalidate, meta.initial_age, meta.response_time, now, req, window)
+        return usable
 
     def fresh(self, url: URL, headers: Mapping[str, str]) -> Hit | None:
         """The fresh hit for a plain request (no credentials, no Cache-Control) that this process
@@ -220,6 +233,8 @@ class Cache:
                 except FileNotFoundError:  # removed by another worker just now: fetch it again
                     return await self.get(url, method, headers)
                 self.touch(meta)
+                if usable == REVALIDATE_LATER and key not in self.fills:
+                    self.fetcher.start(key, url, meta, headers)  # in the background: this client has its answer
                 hit = self.hit(meta, "HIT" if usable == FRESH else "STALE")
                 hit.ready = ready
                 return hit

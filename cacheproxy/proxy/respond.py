@@ -299,6 +299,7 @@ class Responder:
     async def send_streaming(self, request: web.BaseRequest, streaming: Streaming) -> web.StreamResponse:
         fill, size = streaming.fill, streaming.head.size
         headers = with_via(CIMultiDict(streaming.head.headers))
+        headers.setdefault("Server", SERVER)
         headers["X-Cache"] = "MISS"
         status, start, stop = streaming.head.status, 0, size
         if size is not None and status == 200:
@@ -345,6 +346,7 @@ class Responder:
 
     def send_buffered(self, buffered: Buffered) -> web.Response:
         headers = with_via(CIMultiDict(buffered.headers))
+        headers.setdefault("Server", SERVER)
         headers["X-Cache"] = buffered.x_cache
         return web.Response(status=buffered.status, body=buffered.body, headers=headers)
 
@@ -352,6 +354,7 @@ class Responder:
         upstream = passthrough.response
         try:
             headers = with_via(end_to_end(upstream.headers))
+            headers.setdefault("Server", SERVER)
             headers["X-Cache"] = passthrough.x_cache
             response = web.StreamResponse(status=upstream.status, headers=headers)
             if upstream.content_length is not None:
