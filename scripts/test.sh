@@ -8,6 +8,9 @@ missing=()
 for tool in wget curl nginx; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+# node and npm run the HTTP caching conformance suite (tests/conformance)
+command -v node >/dev/null 2>&1 || missing+=("nodejs")
+command -v npm >/dev/null 2>&1 || missing+=("npm")
 # nginx's stream module (the gateway tests: CONNECT and PROXY protocol pass through it)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing+=("libnginx-mod-stream")
 if ((${#missing[@]})); then
