@@ -29,6 +29,7 @@ class Route:
     drops: int = 1  # ... in this many responses
     fail_first: int = 0  # answer 503 to the first K requests
     redirect_to: str | None = None
+    repeat: int = 1  # the body is sent this many times over (a long stream from a short body)
 
     @property
     def sha256(self) -> str:
@@ -99,7 +100,7 @@ class Origin:
             return web.Response(status=304, headers=headers)
         if route.status != 200:
             return web.Response(status=route.status, body=route.body, headers=headers)
-        body, status = route.body, 200
+        body, status = route.body * route.repeat if route.repeat > 1 and not route.chunked else route.body, 200
         wanted = request.headers.get("Range")
         if_range = request.headers.get("If-Range")
         if route.ranges and wanted and (if_range is None or if_range in (route.etag, route.last_modified)):
@@ -116,6 +117,11 @@ class Origin:
             return response
         limit = route.drop_after if route.drop_after is not None and count - route.fail_first <= route.drops else None
         sent = 0
+        if route.chunked and route.repeat > 1:
+            for _ in range(route.repeat):
+                await response.write(body)
+            await response.write_eof()
+            return response
         for offset in range(0, len(body), CHUNK):
             piece = body[offset : offset + CHUNK]
             if limit is not None and sent + len(piece) > limit:

@@ -34,7 +34,7 @@ from .fill import Buffered, Fill, Head, Hit, Passthrough
 from .freshness import freshness, initial_age, unstorable_reason
 from .index import Index
 from .keys import MirrorMap
-from .pump import Pump
+from .pump import NoReaders, Pump
 from .shared import SharedTier
 from .variants import nominated, vary_matches
 
@@ -109,7 +109,13 @@ class Fetcher:
         lock = FillLock.for_key(self.store.tmp_dir, fill.key)
         try:
             for _ in range(FOLLOW_ROUNDS):
-                if await self.store.run(lock.try_acquire):
+                try:
+                    taken = await self.store.run(lock.try_acquire)
+                except OSError as exc:  # a read-only or broken store: serve, store nothing
+                    log.warning("the store cannot take %s (%s): passing it on uncached", url, describe(exc))
+                    await self._fetch(fill, url, None, forward, None)
+                    return
+                if taken:
                     break
                 if await self._follow(fill, stale):  # another worker fills this key
                     return
@@ -186,8 +192,9 @@ class Fetcher:
         return True
 
     async def _fetch(
-        self, fill: Fill, url: URL, stale: ObjectMeta | None, forward: CIMultiDict[str], lock: FillLock
+        self, fill: Fill, url: URL, stale: ObjectMeta | None, forward: CIMultiDict[str], lock: FillLock | None
     ) -> None:
+        """Fetch and answer; ``lock`` None: the store cannot take anything, the answer only passes."""
         started = time.monotonic()
         budget = self.upstream.new_budget()
         response: Response | None = None
@@ -221,6 +228,9 @@ class Fetcher:
             not_stored = unstorable_reason(owned.status, owned.headers, asked)
             if owned.status != 200 and (not_stored is not None or owned.status == 304):
                 await self._not_stored(fill, owned)
+                return
+            if lock is None:
+                fill.set_outcome(Passthrough(owned, "BYPASS"))
                 return
             await self._fill_body(fill, url, owned, budget, forward, lock, not_stored)
             self.metrics.upstream_fetch_seconds.observe(time.monotonic() - started)
@@ -291,17 +301,29 @@ class Fetcher:
             log.info("not storing %s: %s", url, not_stored)
             fill.set_outcome(Passthrough(response))
             return
+        if size is not None and size > (free := self.store.disk_usage()[1]):
+            log.warning("the store has %d bytes free, %s has %d: passing it on uncached", free, url, size)
+            fill.set_outcome(Passthrough(response, "BYPASS"))
+            return
         chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
         first = response  # a resumed transfer ends with a 206: the object is what the first answered
-        writer = await self.store.begin_write(fill.key)
+        try:
+            writer = await self.store.begin_write(fill.key)
+        except OSError as exc:
+            log.warning("the store cannot take %s (%s): passing it on uncached", url, describe(exc))
+            fill.set_outcome(Passthrough(response, "BYPASS"))
+            return
         try:
             head = Head(end_to_end(headers), size, response.status)
             await self.store.run(lock.publish, HeadFile(writer.path, list(head.headers.items()), size, response.status))
             fill.start_streaming(writer.path, head)
-            response = await self.pump.tee(fill, response, writer, budget, forward, size)
-            if size is not None and writer.written != size:
-                raise TransferAborted(f"got {writer.written} of {size} bytes")
+            response = await self.pump.tee(fill, response, writer, budget, forward, size, max_size)
+            if size is not None and fill.written != size:
+                raise TransferAborted(f"got {fill.written} of {size} bytes")
             fill.finish()
+            if fill.relay_at is not None:  # passed on, not stored (the pump said why)
+                await writer.abort()
+                return
             storable = (size is not None or chunked) and writer.written <= max_size
             if not storable:
                 log.info("not storing %s: body length unknown (no Content-Length, not chunked)", url)
@@ -310,6 +332,10 @@ class Fetcher:
             await self._commit(fill.key, url, first, writer)
         except BaseException as exc:
             await writer.abort()
+            if isinstance(exc, NoReaders):
+                log.info("stopped fetching %s: %s", url, exc)
+                fill.set_error(TransferAborted(str(exc)))
+                return
             if isinstance(exc, TransferAborted):
                 self.failures.record(url, str(exc))
                 log.warning("fill of %s aborted: %s", url, exc)

@@ -91,6 +91,13 @@ class Fill:
         self.task: asyncio.Task[None] | None = None
         self._read_fd: int | None = None
         self._waiters: list[asyncio.Future[None]] = []
+        # Relay: past ``relay_at`` the body no longer goes to the file (over max_object_size, or a
+        # store that cannot take it) but to the readers from memory, the slowest one setting the pace.
+        self.relay_at: int | None = None
+        self._relay: list[bytes] = []
+        self._relay_start = 0  # body offset of the first byte in _relay
+        self._readers: dict[int, int] = {}  # reader id -> its position
+        self._drained: list[asyncio.Future[None]] = []
 
     # -- the filling side ---------------------------------------------------------------------
 
@@ -118,6 +125,47 @@ class Fill:
     def advance(self, n: int) -> None:
         self.written += n
         self._wake()
+
+    def start_relay(self) -> None:
+        """From the bytes written so far on, the body goes to the readers through memory."""
+        self.relay_at = self._relay_start = self.written
+
+    async def relay(self, chunk: bytes, window: int) -> bool:
+        """Hand ``chunk`` to the readers; wait while more than ``window`` bytes are unread.
+        False when no reader is left (the rest of the body would be fetched for no one)."""
+        self._relay.append(chunk)
+        self.advance(len(chunk))
+        while self.written - self._relay_start > window:
+            if not self._readers:
+                return False
+            waiter = asyncio.get_running_loop().create_future()
+            self._drained.append(waiter)
+            await waiter
+        return bool(self._readers)
+
+    def relayed(self, position: int) -> bytes:
+        """The relayed bytes from ``position`` on that are here now."""
+        offset = position - self._relay_start
+        assert offset >= 0, "a reader fell behind the relay"
+        if len(self._relay) > 1:
+            self._relay = [b"".join(self._relay)]
+        return self._relay[0][offset:] if self._relay else b""
+
+    def reader_at(self, reader: int, position: int | None) -> None:
+        """Where a reader is (None: it is gone); frees the relayed bytes every reader has."""
+        if position is None:
+            self._readers.pop(reader, None)
+        else:
+            self._readers[reader] = position
+        if self.relay_at is None:
+            return
+        low = min(self._readers.values(), default=self.written)
+        while self._relay and self._relay_start + len(self._relay[0]) <= low:
+            self._relay_start += len(self._relay.pop(0))
+        drained, self._drained = self._drained, []
+        for waiter in drained:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def finish(self) -> None:
         self.finished = True

@@ -249,8 +249,8 @@ class Cache:
                 await asyncio.wait([asyncio.shield(fill.done)], timeout=COMMIT_WAIT)
                 return await self.get(url, method, headers, waited=True)
             outcome = await asyncio.shield(fill.head)
-            if _other_variant(outcome, fill, headers):
-                return await self.bypass(url, method, headers)
+            if fill.relay_at is not None or _other_variant(outcome, fill, headers):
+                return await self.bypass(url, method, headers)  # a relayed body cannot be joined late
         elif method == "HEAD" and meta is None:
             return await self.bypass(url, "HEAD", headers, x_cache="MISS")
         else:

@@ -28,6 +28,11 @@ WRITE_MIN = 1 << 20  # a write waits for this many bytes ...
 WRITE_WAIT = 0.05  # ... or this many seconds, so that slow origins still stream promptly
 WRITE_BATCH = 8 << 20  # bytes gathered while the previous write is still running
 SPLICERS = 32  # plain-HTTP bodies copied by threads at once (more use the event loop path)
+RELAY_WINDOW = 8 << 20  # bytes a relayed body runs ahead of its slowest reader
+
+
+class NoReaders(Exception):
+    """A relayed body has no reader left: the rest would be fetched for no one."""
 
 
 def strong_validator(headers: Mapping[str, str]) -> str | None:
@@ -56,8 +61,13 @@ class Pump:
         budget: RetryBudget,
         forward: Mapping[str, str],
         size: int | None,
+        max_size: int,
     ) -> Response:
-        """Copy the body into the writer; resume with Range after a drop. Return the last response."""
+        """Copy the body into the writer; resume with Range after a drop. Return the last response.
+
+        A body of unknown length that passes ``max_size``, or that the store cannot take (full,
+        read-only), goes on to the readers through the fill's relay and is not stored.
+        """
         validator = strong_validator(response.headers)
         pending: asyncio.Task[None] | None = None
         buffer: list[bytes] = []
@@ -65,9 +75,22 @@ class Pump:
         loop = asyncio.get_running_loop()
         last_flush = loop.time()
 
+        async def relay(chunks: list[bytes]) -> None:
+            for chunk in chunks:
+                if not await fill.relay(chunk, RELAY_WINDOW):
+                    raise NoReaders("every client went away")
+
         async def flush(chunks: list[bytes], size: int) -> None:
-            await writer.write(chunks)
-            fill.advance(size)
+            if fill.relay_at is None:
+                try:
+                    await writer.write(chunks)
+                except OSError as exc:
+                    log.warning("the store cannot take the body of %s (%s): passing it on uncached", fill.key, exc)
+                    fill.start_relay()
+                else:
+                    fill.advance(size)
+                    return
+            await relay(chunks)
 
         def start_flush() -> asyncio.Task[None]:
             nonlocal buffer, buffered
@@ -108,10 +131,17 @@ class Pump:
                 except BODY_ERRORS as exc:
                     await drain()
                     response.close()
-                    response = await self._resume(response, writer.written, validator, budget, forward, exc)
+                    response = await self._resume(response, fill.written, validator, budget, forward, exc)
                     continue
                 if not chunk:
                     break
+                if fill.relay_at is None and size is None and writer.written + buffered + len(chunk) > max_size:
+                    await drain()
+                    log.info("not storing %s: the body passed cache.max_object_size (%d)", fill.key, max_size)
+                    fill.start_relay()
+                if fill.relay_at is not None and pending is None and not buffer:
+                    await relay([chunk])
+                    continue
                 buffer.append(chunk)
                 buffered += len(chunk)
                 if pending is not None and pending.done():

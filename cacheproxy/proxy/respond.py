@@ -320,17 +320,28 @@ class Responder:
             return response
         fileobj = os.fdopen(fill.open_reader(), "rb", buffering=0)
         position = start
+        reader = id(request)
+        fill.reader_at(reader, position)
         try:
             while stop is None or position < stop:
                 await fill.wait_beyond(position)
                 available = fill.written if stop is None else min(fill.written, stop)
-                if available > position:
+                in_file = available if fill.relay_at is None else min(available, fill.relay_at)
+                if in_file > position:
                     if stop is not None:
-                        await send_file(request, fileobj, position, available - position)
+                        await send_file(request, fileobj, position, in_file - position)
                     else:
-                        await _copy_fd(response, fileobj.fileno(), position, available)
-                    _count(request, self._metrics, "upstream", available - position)
-                    position = available
+                        await _copy_fd(response, fileobj.fileno(), position, in_file)
+                    _count(request, self._metrics, "upstream", in_file - position)
+                    position = in_file
+                    fill.reader_at(reader, position)
+                    continue
+                if available > position:  # past the file: the relayed bytes (not stored)
+                    data = fill.relayed(position)[: available - position]
+                    await response.write(data)
+                    _count(request, self._metrics, "upstream", len(data))
+                    position += len(data)
+                    fill.reader_at(reader, position)
                     continue
                 if fill.error is not None:
                     raise TransferAborted(fill.error)
@@ -340,6 +351,7 @@ class Responder:
             abort_connection(request)
             return response
         finally:
+            fill.reader_at(reader, None)
             fileobj.close()
         await response.write_eof()
         return response
