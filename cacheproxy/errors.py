@@ -73,6 +73,13 @@ class MethodNotAllowed(ProxyError):
     code = "method_not_allowed"
 
 
+class LoopDetected(ProxyError):
+    """The request came back through this proxy (its own ``Via`` seen again)."""
+
+    status = 508
+    code = "loop_detected"
+
+
 class RateLimited(ProxyError):
     status = 429
     code = "rate_limited"

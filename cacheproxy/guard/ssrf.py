@@ -46,7 +46,11 @@ class SsrfGuard:
             return
         for address in addresses:
             if not is_public(address):
-                raise PrivateUpstreamError(f"{host} resolves to non-public address {address}")
+                # The address itself is not told: a client must not learn the internal network.
+                raise PrivateUpstreamError(
+                    f"{host} is on a private, loopback or link-local address "
+                    "(allowed only with rules.allow_private_upstreams: true)"
+                )
 
     def check_literal(self, host: str) -> None:
         try:

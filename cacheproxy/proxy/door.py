@@ -34,12 +34,21 @@ from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http import RawRequestMessage
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 
 from ..config import Config
-from ..errors import BadRequest, HeadTimeout, HeadTooLarge, Overloaded, ProxyError, error_response, raw_error_response
+from ..errors import (
+    BadRequest,
+    BadUrl,
+    HeadTimeout,
+    HeadTooLarge,
+    Overloaded,
+    ProxyError,
+    error_response,
+    raw_error_response,
+)
 from ..ops.logging import redact
 from ..ops.observe import Observation, Observer
 from .proxy_protocol import ProxyHeaderError, parse_proxy_header
@@ -329,7 +338,10 @@ class FrontDoor(RequestHandler):
             )
         elif isinstance(exc, BadHttpMessage) or status == 400:
             first_line = (message or str(exc) or "malformed request").strip().splitlines()[0]
-            error = BadRequest(f"malformed request: {first_line}")
+            if isinstance(exc, InvalidURLError) or "://" in first_line:
+                error = BadUrl(f"not a valid URL (a proxied URL needs a host: scheme://host/path): {first_line}")
+            else:
+                error = BadRequest(f"malformed request: {first_line}")
         else:
             log.error("request from %s failed", self.client_ip, exc_info=exc)  # a bug, not the client's
             error = ProxyError("internal error")

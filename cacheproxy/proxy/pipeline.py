@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion10, RawRequestMessage
 from yarl import URL
 
-from ..errors import Denied, MethodNotAllowed, NotFound, ProxyError, error_response
+from ..errors import VIA, Denied, LoopDetected, MethodNotAllowed, NotFound, ProxyError, error_response
 from ..guard.limits import ClientLimits
 from ..ops.observe import Observation, Observer
 from ..state import AppState
@@ -44,6 +44,7 @@ NOT_PLAIN = frozenset(
         b"cache-control",
         b"pragma",
         b"authorization",
+        b"via",  # the loop check
     }
 )
 Service = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -165,10 +166,18 @@ class Pipeline:
         return await handler(request)
 
 
+LOOP_HOPS = 2  # our Via this many times in a request: it is going round in circles
+
+
 async def proxy_request(
     request: web.BaseRequest, state: AppState, responder: Responder, url: URL
 ) -> web.StreamResponse:
     state.access.check_url(url)
+    if "Via" in request.headers and _our_hops(request.headers.getall("Via")) >= LOOP_HOPS:
+        raise LoopDetected(
+            f"the request already went through cacheproxy {LOOP_HOPS} times: "
+            "the proxy is its own origin or parent (check upstream.parent_proxy and the URL)"
+        )
     if request.method in READ_METHODS:
         outcome = await state.cache.get(url, request.method, request.headers)
         try:
@@ -184,3 +193,7 @@ async def proxy_request(
         )
     passthrough = await state.cache.forward(url, request.method, request.headers, request.content)
     return await responder.send_passthrough(request, passthrough)
+
+
+def _our_hops(values: list[str]) -> int:
+    return sum(1 for value in values for hop in value.split(",") if hop.strip() == VIA)

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,9 +23,12 @@ SERVICE_PREFIX = "/_cacheproxy/"
 _IN_PATH = re.compile(r"^/(?:download/)?([A-Za-z][A-Za-z0-9+.-]*):/+(.*)$", re.S)
 
 USAGE = (
-    "cacheproxy is a caching forward proxy. Use it as an HTTP proxy "
-    "(curl -x http://HOST:PORT URL, wget -e use_proxy=yes -e http_proxy=HOST:PORT URL, or http_proxy=), "
-    "or put the origin URL in the path: http://HOST:PORT/https://origin/path "
+    "cacheproxy is a caching forward proxy; there are three ways in: "
+    "(1) as the HTTP proxy (curl -x http://HOST:PORT URL, wget -e use_proxy=yes -e http_proxy=HOST:PORT URL, "
+    "or http_proxy=), which sends absolute-form requests; "
+    "(2) https:// URLs through the same proxy setting, which sends CONNECT (https_proxy=; cached with "
+    "tls_intercept); "
+    "(3) the origin URL in the path: http://HOST:PORT/https://origin/path "
     "(legacy: http://HOST:PORT/download/https://origin/path). Status: /_cacheproxy/"
 )
 
@@ -38,14 +43,30 @@ def parse_origin_url(text: str) -> URL:
     """Parse and check an origin URL as written by a client."""
     try:
         url = URL(text, encoded=True)
+        url.explicit_port  # noqa: B018 - a port out of range raises here, not later
     except ValueError as exc:
         raise BadUrl(f"not a valid URL: {text[:200]!r} ({exc})") from None
     scheme = url.scheme.lower()
     if scheme not in SCHEMES:
         raise UnsupportedScheme(f"scheme {scheme!r} is not supported (use {', '.join(SCHEMES)})")
-    if not url.host:
+    if not url.raw_host:
         raise BadUrl(f"the URL has no host: {text[:200]!r}")
+    _check_numeric_host(url.raw_host)
     return url
+
+
+def _check_numeric_host(host: str) -> None:
+    """A host such as ``2130706433``, ``127.1`` or ``0177.0.0.1`` is an IPv4 address in a form
+    that resolvers read differently (decimal, short, octal): refused, with the address it means."""
+    if not host or not all(c in "0123456789abcdefxABCDEFX." for c in host) or not host[0].isdigit():
+        return
+    try:
+        packed = socket.inet_aton(host)
+    except OSError:
+        return
+    canonical = str(ipaddress.IPv4Address(packed))
+    if canonical != host:
+        raise BadUrl(f"the host {host[:60]!r} is an IPv4 address in a non-standard form; write it as {canonical}")
 
 
 def classify(raw_target: str, origin: str | None = None) -> Target:
