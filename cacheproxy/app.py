@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 LISTEN_BACKLOG = 4096
 IO_THREADS = 16
 DEFAULT_GRACE = 30.0
+WATCH_INTERVAL = 30.0  # seconds between looks at the store and OBS for alerts (at most)
 
 
 def build_state(config: Config) -> AppState:
@@ -76,6 +77,9 @@ class App:
         await state.upstream.start()
         await state.cache.load()
         self._background.append(asyncio.create_task(_housekeeping(state.cache, self.config.cache.cleanup_interval)))
+        self._background.append(
+            asyncio.create_task(_watch(state.cache, min(WATCH_INTERVAL, self.config.alerts.window / 4)))
+        )
         server = DoorServer(self.pipeline, Door(self.config, self.observe))
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self.grace)
         await self._runner.setup()
@@ -102,6 +106,7 @@ class App:
         state = self.state
         flush_access_log()
         await state.cache.close(self.grace)
+        await state.cache.alerts.close()
         await state.upstream.close()
         state.executor.shutdown(wait=True)
         if state.authority is not None:
@@ -115,6 +120,15 @@ async def _housekeeping(cache: Cache, interval: float) -> None:
             await cache.cleanup()
         except Exception:
             log.exception("periodic clean-up failed")
+
+
+async def _watch(cache: Cache, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await cache.watch()
+        except Exception:
+            log.exception("the store and OBS watch failed")
 
 
 async def serve(config: Config, grace: float = DEFAULT_GRACE, worker: int | None = None) -> None:

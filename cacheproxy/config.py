@@ -282,6 +282,8 @@ class TlsInterceptConfig:
 class WebhookConfig:
     url: Annotated[str, _http_url] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    timeout: PositiveDuration = 10.0  # per attempt
+    retries: Annotated[int, _non_negative_int] = 3  # extra attempts, with backoff
 
 
 @dataclass(frozen=True)
@@ -293,6 +295,8 @@ class EmailConfig:
     password: str | None = None
     from_: str | None = None  # YAML key "from"
     to: tuple[str, ...] = ()
+    timeout: PositiveDuration = 10.0
+    ca_bundle: Path | None = None  # PEM of the CA that signed the relay's certificate (besides the system's)
 
 
 @dataclass(frozen=True)
@@ -300,6 +304,7 @@ class AlertsConfig:
     failure_threshold: Annotated[int, _positive_int] = 3
     window: PositiveDuration = 600.0
     min_interval: Duration = 3600.0
+    instance: str | None = None  # the name alerts give this instance (default: the host name)
     webhook: WebhookConfig = WebhookConfig()
     email: EmailConfig = EmailConfig()
 
@@ -479,6 +484,8 @@ def _check(config: Config) -> list[tuple[str, str]]:
     email = config.alerts.email
     if email.host and (not email.from_ or not email.to):
         problems.append(("alerts.email", "from and to are required when host is set"))
+    if email.ca_bundle is not None and not email.ca_bundle.is_file():
+        problems.append(("alerts.email.ca_bundle", f"file not found: {email.ca_bundle}"))
     problems.extend(_not_implemented(config))
     return problems
 
@@ -487,7 +494,6 @@ def _check(config: Config) -> list[tuple[str, str]]:
 # than a setting that silently does nothing. (Their defaults are accepted, so a full sample config
 # still loads.)
 _NOT_IMPLEMENTED = {
-    "alerts": "alerts are not sent by this version",
     "admin.tokens": "there is no admin API in this version",
 }
 

@@ -11,12 +11,10 @@ indexed before it is ever a hit.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 
 from multidict import CIMultiDict
 from yarl import URL
@@ -24,7 +22,7 @@ from yarl import URL
 from ..config import Config
 from ..errors import ProxyError, TransferAborted, UpstreamFailed
 from ..headers import end_to_end, for_storage, request_to_origin, updated
-from ..ops.logging import redact
+from ..ops.alerts import STORE_UNWRITABLE, Alerts
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta, Spool, SpoolWriter
 from ..storage.flight import FillLock, HeadFile, Watch
@@ -46,23 +44,6 @@ FOLLOW_ROUNDS = 3  # fills of other workers followed before giving up on a key
 ARCHIVE = re.compile(r"\.(tar|tgz|tbz2?|txz|gz|xz|bz2|zst|lz|lzma|zip|7z|rpm|srpm|deb|jar|gem|crate|whl)$", re.I)
 
 
-@dataclass
-class Failure:
-    url: str
-    error: str
-    time: float
-
-
-class FailureLog:
-    """The last failed fetches (bounded), secrets masked."""
-
-    def __init__(self, size: int = 100) -> None:
-        self.recent: collections.deque[Failure] = collections.deque(maxlen=size)
-
-    def record(self, url: URL | str, error: str) -> None:
-        self.recent.append(Failure(redact(str(url)), redact(error), time.time()))
-
-
 class Fetcher:
     def __init__(
         self,
@@ -73,7 +54,7 @@ class Fetcher:
         index: Index,
         shared: SharedTier | None,
         fills: dict[str, Fill],
-        failures: FailureLog,
+        alerts: Alerts,
         mirrors: MirrorMap,
         *,
         hit: Callable[[ObjectMeta, str], Hit],
@@ -88,7 +69,7 @@ class Fetcher:
         self.index = index
         self.shared = shared
         self.fills = fills
-        self.failures = failures
+        self.alerts = alerts
         self.hit = hit
         self.from_store = from_store
         self.touch = touch
@@ -112,7 +93,7 @@ class Fetcher:
                 try:
                     taken = await self.store.run(lock.try_acquire)
                 except OSError as exc:  # a read-only or broken store: serve, store nothing
-                    log.warning("the store cannot take %s (%s): passing it on uncached", url, describe(exc))
+                    self._unwritable(url, exc)
                     await self._fetch(fill, url, None, forward, None)
                     return
                 if taken:
@@ -143,6 +124,13 @@ class Fetcher:
             self.metrics.fills_in_progress.dec()
             if lock.held:
                 await self.store.run(lock.release)
+
+    def _failed(self, url: URL, error: str) -> None:
+        self.alerts.failed(str(url), error)
+
+    def _unwritable(self, url: URL, exc: OSError) -> None:
+        log.warning("the store cannot take %s (%s): passing it on uncached", url, describe(exc))
+        self.alerts.condition(STORE_UNWRITABLE, str(self.store.tmp_dir.parent), True, describe(exc))
 
     async def _follow(self, fill: Fill, stale: ObjectMeta | None) -> bool:
         """Serve this process's clients from another worker's fill of the same key.
@@ -208,7 +196,7 @@ class Fetcher:
             try:
                 response = await self.upstream.open(self.mirrors.candidates(url), request_headers, budget)
             except UpstreamFailed as exc:
-                self.failures.record(url, exc.reason)
+                self._failed(url, exc.reason)
                 if stale is not None and not stale.must_revalidate:
                     log.warning("serving stale %s: %s", url, exc.reason)
                     fill.set_outcome(self.hit(stale, "STALE"))
@@ -221,7 +209,7 @@ class Fetcher:
                 await self._revalidated(fill, stale, owned)
                 return
             if owned.status >= 400:
-                self.failures.record(url, f"origin answered {owned.status}")
+                self._failed(url, f"origin answered {owned.status}")
             # An ftp:// answer is private to its login, which is part of its key: the rule for
             # Authorization (RFC 9111 3.5) is about sharing one user's HTTP answer with others.
             asked = forward if url.scheme != "ftp" else {k: v for k, v in forward.items() if k != "Authorization"}
@@ -295,7 +283,7 @@ class Fetcher:
             not_stored = f"larger than the limit for status {response.status} ({size} > {max_size})"
         html = "text/html" in headers.get("Content-Type", "").lower()
         if not_stored is None and html and self.config.rules.refuse_html_archives and ARCHIVE.search(url.path):
-            self.failures.record(url, "origin answered an HTML page for an archive URL")
+            self._failed(url, "origin answered an HTML page for an archive URL")
             not_stored = "HTML body for an archive URL"
         if not_stored is not None:
             log.info("not storing %s: %s", url, not_stored)
@@ -310,7 +298,7 @@ class Fetcher:
         try:
             writer = await self.store.begin_write(fill.key)
         except OSError as exc:
-            log.warning("the store cannot take %s (%s): passing it on uncached", url, describe(exc))
+            self._unwritable(url, exc)
             fill.set_outcome(Passthrough(response, "BYPASS"))
             return
         try:
@@ -337,7 +325,7 @@ class Fetcher:
                 fill.set_error(TransferAborted(str(exc)))
                 return
             if isinstance(exc, TransferAborted):
-                self.failures.record(url, str(exc))
+                self._failed(url, str(exc))
                 log.warning("fill of %s aborted: %s", url, exc)
                 fill.set_error(exc)
                 return

@@ -16,6 +16,7 @@ import logging
 import time
 
 from ..config import Config
+from ..ops.alerts import STORE_OVER_WATERMARK, Alerts
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta, Spool
 from .fill import Fill
@@ -40,8 +41,10 @@ class Housekeeper:
         shared: SharedTier | None,
         fills: dict[str, Fill],
         hot: HotBodies,
+        alerts: Alerts,
     ) -> None:
         self.config = config
+        self.alerts = alerts
         self.store = store
         self.metrics = metrics
         self.index = index
@@ -76,6 +79,7 @@ class Housekeeper:
             return 0
         capacity = self.capacity()
         if self.index.total_size <= capacity * self.config.cache.high_watermark:
+            self.alerts.condition(STORE_OVER_WATERMARK, "", False)
             return 0
         self._evicting = True
         evicted = 0
@@ -92,6 +96,14 @@ class Housekeeper:
                 evicted += 1
             self.metrics.evictions.inc(evicted)
             log.info("evicted %d objects; store now %d bytes", evicted, self.index.total_size)
+            high = capacity * self.config.cache.high_watermark
+            self.alerts.condition(
+                STORE_OVER_WATERMARK,
+                str(self.store.tmp_dir.parent),
+                self.index.total_size > high,
+                f"{self.index.total_size} bytes stored after evicting {evicted} objects; "
+                f"the high watermark is {int(high)} bytes (objects being filled or not in OBS yet stay)",
+            )
         finally:
             self._evicting = False
         return evicted

@@ -21,11 +21,12 @@ from yarl import URL
 
 from ..config import Config
 from ..headers import request_to_origin
+from ..ops.alerts import OBS_UNREACHABLE, STORE_UNWRITABLE, Alerts, Failure
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta, Spool
 from ..upstream.http import HttpUpstream
 from ..upstream.retry import RetryBudget
-from .fetch import Failure, FailureLog, Fetcher
+from .fetch import Fetcher
 from .fill import Buffered, Fill, Hit, Outcome, Passthrough, Streaming
 from .freshness import (
     FRESH,
@@ -60,6 +61,7 @@ class Cache:
         upstream: HttpUpstream,
         metrics: Metrics,
         shared: SharedTier | None = None,
+        alerts: Alerts | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -69,10 +71,10 @@ class Cache:
         self.index = Index()
         self.mirrors = MirrorMap(config.upstream.mirrors)
         self.fills: dict[str, Fill] = {}
-        self.failures = FailureLog()
+        self.alerts = alerts or Alerts(config.alerts, metrics, store.tmp_dir.parent / "alerts")
         self.credentials = Credentials(store.tmp_dir.parent / "credentials.key")
         self.hot = HotBodies(store, self.forget)
-        self.housekeeper = Housekeeper(config, store, metrics, self.index, shared, self.fills, self.hot)
+        self.housekeeper = Housekeeper(config, store, metrics, self.index, shared, self.fills, self.hot, self.alerts)
         self.fetcher = Fetcher(
             config,
             store,
@@ -81,7 +83,7 @@ class Cache:
             self.index,
             shared,
             self.fills,
-            self.failures,
+            self.alerts,
             self.mirrors,
             hit=self.hit,
             from_store=self.from_store,
@@ -96,7 +98,7 @@ class Cache:
 
     @property
     def recent_failures(self) -> collections.deque[Failure]:
-        return self.failures.recent
+        return self.alerts.recent_failures
 
     def touch(self, meta: ObjectMeta) -> None:
         self.housekeeper.touch(meta)
@@ -289,6 +291,21 @@ class Cache:
             meta = self.index.get(key)
             if meta is not None and key not in self.fills:
                 await self.purge(meta)
+
+    async def watch(self) -> None:
+        """Periodic: tell the alerts how the store and OBS are doing."""
+        checks = await self.readiness()
+        store = checks["store_writable"]
+        self.alerts.condition(
+            STORE_UNWRITABLE, str(self.store.tmp_dir.parent), not store["ok"], str(store.get("error", ""))
+        )
+        if "obs" in checks:
+            obs = checks["obs"]
+            where = f"OBS bucket {obs['bucket']}"
+            self.alerts.condition(
+                OBS_UNREACHABLE, where, not obs["ok"], str(obs.get("error", "")), after=self.config.alerts.window
+            )
+        self.alerts.prune()
 
     async def readiness(self) -> dict[str, dict[str, object]]:
         """Each check readyz shows: the store takes writes, the index is loaded, OBS answers."""

@@ -29,6 +29,12 @@ class Metrics:
         self.fills_in_progress = Gauge(p + "fills_in_progress", "Upstream fills running", registry=r)
         self.evictions = Counter(p + "evictions", "Objects evicted", registry=r)
         self.alerts_sent = Counter(p + "alerts_sent", "Alerts sent", ["channel"], registry=r)
+        self.alerts_failed = Counter(
+            p + "alerts_failed", "Alerts a channel did not take (after its retries)", ["channel"], registry=r
+        )
+        self.content_changed = Counter(
+            p + "content_changed", "Immutable URLs whose new body differs from the one recorded", registry=r
+        )
         self.denied = Counter(p + "denied", "Requests denied by a rule", ["reason"], registry=r)
         self.ratelimited = Counter(p + "ratelimited", "Requests refused by a rate limit", registry=r)
         self.obs_uploads = Counter(p + "obs_uploads", "Uploads to OBS by outcome (ok, error)", ["outcome"], registry=r)
