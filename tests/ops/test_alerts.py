@@ -153,8 +153,8 @@ async def test_slow_or_failing_webhook_never_holds_serving(
     origin.add("/ok.tar.gz", body=b"fine")
     url = await failing(origin)
     started = time.monotonic()
-    response, _ = await proxy.get(url)
-    response, body = await proxy.get(origin.url("/ok.tar.gz"))
+    await proxy.get(url)
+    _, body = await proxy.get(origin.url("/ok.tar.gz"))
     assert body == b"fine" and time.monotonic() - started < 1.0
     await wait_for(lambda: sent(proxy, "webhook", "alerts_failed") == 1)
     assert len(receiver.calls) == 2  # the first attempt and one retry
@@ -168,11 +168,13 @@ class Inbox:
         self.messages: list[bytes] = []
         self.logins: list[tuple[bytes, bytes]] = []
 
-    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
         self.messages.append(envelope.content)  # type: ignore[attr-defined]
         return "250 OK"
 
-    def authenticate(self, server: object, session: object, envelope: object, mechanism: str, data: object) -> AuthResult:
+    def authenticate(
+        self, server: object, session: object, envelope: object, mechanism: str, data: object
+    ) -> AuthResult:
         assert isinstance(data, LoginPassword)
         self.logins.append((data.login, data.password))
         return AuthResult(success=data.password == b"mail-pass")
