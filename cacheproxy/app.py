@@ -10,10 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
+from .admin.api import PREFIX, AdminApi
+from .admin.jobs import Jobs
+from .admin.page import status_page
+from .admin.stats import Stats
 from .cache.manager import Cache
 from .cache.shared import SharedTier
 from .certs import Authority
@@ -65,7 +70,12 @@ class App:
         self.grace = grace
         self.state = build_state(config)
         self.observe = Observer(self.state.metrics)
-        self.pipeline = Pipeline(self.state, endpoints(self.state.metrics, self.state.cache.readiness), self.observe)
+        self.stats = Stats(self.state)
+        self.jobs = Jobs(self.state.cache, config.cache.dir / "jobs")
+        services = endpoints(self.state.metrics, self.state.cache.readiness)
+        services["/_cacheproxy/"] = services["/_cacheproxy"] = status_page(self.stats)
+        api = AdminApi(self.state, self.stats, self.jobs)
+        self.pipeline = Pipeline(self.state, services, self.observe, (PREFIX, api))
         self._runner: web.ServerRunner | None = None
         self._background: list[asyncio.Task[None]] = []
         self._closed = False
@@ -76,9 +86,9 @@ class App:
         asyncio.get_running_loop().set_default_executor(state.executor)
         await state.upstream.start()
         await state.cache.load()
-        self._background.append(asyncio.create_task(_housekeeping(state.cache, self.config.cache.cleanup_interval)))
+        self._background.append(asyncio.create_task(_every(self.config.cache.cleanup_interval, state.cache.cleanup)))
         self._background.append(
-            asyncio.create_task(_watch(state.cache, min(WATCH_INTERVAL, self.config.alerts.window / 4)))
+            asyncio.create_task(_every(min(WATCH_INTERVAL, self.config.alerts.window / 4), state.cache.watch))
         )
         server = DoorServer(self.pipeline, Door(self.config, self.observe))
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self.grace)
@@ -105,6 +115,7 @@ class App:
         await asyncio.gather(*self._background, return_exceptions=True)
         state = self.state
         flush_access_log()
+        await self.jobs.close()
         await state.cache.close(self.grace)
         await state.cache.alerts.close()
         await state.upstream.close()
@@ -112,23 +123,18 @@ class App:
         if state.authority is not None:
             state.authority.close()
 
+    async def _sample(self) -> None:
+        self.stats.sample()
+        await asyncio.to_thread(self.jobs.prune)
 
-async def _housekeeping(cache: Cache, interval: float) -> None:
+
+async def _every(interval: float, job: Callable[[], Awaitable[None]]) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            await cache.cleanup()
+            await job()
         except Exception:
-            log.exception("periodic clean-up failed")
-
-
-async def _watch(cache: Cache, interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await cache.watch()
-        except Exception:
-            log.exception("the store and OBS watch failed")
+            log.exception("periodic %s failed", getattr(job, "__name__", job))
 
 
 async def serve(config: Config, grace: float = DEFAULT_GRACE, worker: int | None = None) -> None:

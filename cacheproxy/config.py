@@ -486,45 +486,7 @@ def _check(config: Config) -> list[tuple[str, str]]:
         problems.append(("alerts.email", "from and to are required when host is set"))
     if email.ca_bundle is not None and not email.ca_bundle.is_file():
         problems.append(("alerts.email.ca_bundle", f"file not found: {email.ca_bundle}"))
-    problems.extend(_not_implemented(config))
     return problems
-
-
-# Keys of SPEC.md that this version parses but cannot act on yet: setting one is an error rather
-# than a setting that silently does nothing. (Their defaults are accepted, so a full sample config
-# still loads.)
-_NOT_IMPLEMENTED = {
-    "admin.tokens": "there is no admin API in this version",
-}
-
-
-def _not_implemented(config: Config) -> list[tuple[str, str]]:
-    problems = []
-    defaults = Config()
-    for dotted, what in _NOT_IMPLEMENTED.items():
-        value: Any = config
-        default: Any = defaults
-        for part in dotted.split("."):
-            value, default = getattr(value, part), getattr(default, part)
-        if value == default:
-            continue
-        if dataclasses.is_dataclass(value):  # name the keys that were set
-            for key in _changed(value, default, dotted):
-                problems.append((key, f"not implemented: {what}; leave it unset"))
-        else:
-            problems.append((dotted, f"not implemented: {what}; leave it unset"))
-    return problems
-
-
-def _changed(value: Any, default: Any, prefix: str) -> list[str]:
-    keys = []
-    for f in dataclasses.fields(value):
-        mine, theirs = getattr(value, f.name), getattr(default, f.name)
-        if mine == theirs:
-            continue
-        key = f"{prefix}.{_yaml_name(f)}"
-        keys.extend(_changed(mine, theirs, key) if dataclasses.is_dataclass(mine) else [key])
-    return keys
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -68,6 +68,31 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class Unauthorized(ProxyError):
+    """An admin call without a token (401; a wrong token is :class:`Denied`, 403)."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, headers={"WWW-Authenticate": 'Bearer realm="cacheproxy"'})
+
+
+class Conflict(ProxyError):
+    status = 409
+    code = "conflict"
+
+
+class TooLarge(ProxyError):
+    status = 413
+    code = "too_large"
+
+
+class Unavailable(ProxyError):
+    status = 503
+    code = "unavailable"
+
+
 class MethodNotAllowed(ProxyError):
     status = 405
     code = "method_not_allowed"
@@ -111,9 +136,10 @@ class TransferAborted(Exception):
     """Bytes already reached the client and the transfer cannot be completed."""
 
 
-def error_response(request: web.BaseRequest, exc: ProxyError) -> web.Response:
+def error_response(request: web.BaseRequest, exc: ProxyError, *, as_json: bool = False) -> web.Response:
+    """``exc`` as an answer: plain text, or JSON when the client accepts it (or ``as_json``)."""
     headers = {ERROR_HEADER: exc.code, "Via": VIA, "Server": SERVER, **exc.headers}
-    if "application/json" in request.headers.get("Accept", ""):
+    if as_json or "application/json" in request.headers.get("Accept", ""):
         body = json.dumps({"error": exc.code, "status": exc.status, "reason": exc.reason}) + "\n"
         return web.Response(status=exc.status, text=body, content_type="application/json", headers=headers)
     return web.Response(status=exc.status, text=_plain(exc), headers=headers)

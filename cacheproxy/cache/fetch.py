@@ -23,6 +23,7 @@ from ..config import Config
 from ..errors import ProxyError, TransferAborted, UpstreamFailed
 from ..headers import end_to_end, for_storage, request_to_origin, updated
 from ..ops.alerts import STORE_UNWRITABLE, Alerts
+from ..ops.logging import redact
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta, Spool, SpoolWriter
 from ..storage.flight import FillLock, HeadFile, Watch
@@ -79,7 +80,7 @@ class Fetcher:
         self.pump = Pump(upstream, config.upstream.read_timeout)
 
     def start(self, key: str, url: URL, stale: ObjectMeta | None, headers: Mapping[str, str]) -> Fill:
-        fill = Fill(key, headers)
+        fill = Fill(key, headers, redact(str(url)))
         self.fills[key] = fill
         forward = request_to_origin(headers, fill=True)
         fill.task = asyncio.create_task(self._run(fill, url, stale, forward), name=f"fill {key}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -79,8 +80,10 @@ Outcome = Streaming | Buffered | Hit | Passthrough
 
 
 class Fill:
-    def __init__(self, key: str, request_headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, key: str, request_headers: Mapping[str, str] | None = None, url: str = "") -> None:
         self.key = key
+        self.url = url  # what is fetched (credentials masked): the status page shows it
+        self.started = time.time()
         self.request_headers: Mapping[str, str] = request_headers or {}  # the first client's (Vary)
         loop = asyncio.get_running_loop()
         self.head: asyncio.Future[Outcome] = loop.create_future()

@@ -28,6 +28,7 @@ from .shared import SharedTier
 log = logging.getLogger(__name__)
 
 ERROR_ANSWERS = 10_000  # stored error answers kept at most ...
+POPULAR_KEPT = 10_000  # keys whose hit count is kept for the status page
 ERROR_BYTES = 64 << 20  # ... and bytes of them in all
 
 
@@ -55,10 +56,14 @@ class Housekeeper:
         self._error_bytes = 0
         self._dirty: set[str] = set()
         self._evicting = False
+        self.requested: collections.Counter[str] = collections.Counter()  # hits per key, since start
 
     def touch(self, meta: ObjectMeta) -> None:
         meta.last_access = time.time()
         self._dirty.add(meta.key)
+        self.requested[meta.key] += 1
+        if len(self.requested) > POPULAR_KEPT:  # keep the counts bounded: the most requested stay
+            self.requested = collections.Counter(dict(self.requested.most_common(POPULAR_KEPT // 2)))
 
     async def save_snapshot(self) -> None:
         await self.store.run(self.store.write_snapshot_sync, list(self.index))

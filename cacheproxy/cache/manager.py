@@ -43,6 +43,7 @@ from .housekeeping import Housekeeper
 from .index import Index
 from .keys import Credentials, MirrorMap
 from .shared import SharedTier
+from .upload import Upload, UploadRefused, store_upload
 from .variants import nominated, vary_matches
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ class Cache:
 
     def fresh(self, url: URL, headers: Mapping[str, str]) -> Hit | None:
         """The fresh hit for a plain request (no credentials, no Cache-Control) that this process
-        can answer at once, or None.
+        can answer at once, or None. The caller :meth:`touch`-es it when it answers with it.
 
         Raise FileNotFoundError when the object turned out removed by another worker (it is
         forgotten here; a new lookup goes on from the store).
@@ -201,9 +202,7 @@ class Cache:
         meta = self.index.get(self.key_for(url))
         if meta is None or self._usable(meta, headers, PLAIN) != FRESH:
             return None
-        ready = self.hot.get(meta)
-        self.touch(meta)
-        return Hit(meta, ready=ready)
+        return Hit(meta, ready=self.hot.get(meta))  # touched once it is answered
 
     def hit(self, meta: ObjectMeta, x_cache: str = "HIT") -> Hit:
         """A hit of ``meta``, with where its body comes from."""
@@ -291,6 +290,65 @@ class Cache:
             meta = self.index.get(key)
             if meta is not None and key not in self.fills:
                 await self.purge(meta)
+
+    # -- an operator's calls (the admin API) ----------------------------------------------------
+
+    async def lookup(self, url: URL) -> ObjectMeta | None:
+        """What is stored for ``url`` (this process, the store, or the shared store)."""
+        key = self.key_for(url)
+        meta = self.index.get(key) or await self.from_store(key)
+        if meta is None and self.shared is not None:
+            meta = await self.shared.lookup(key)
+        return meta
+
+    async def purge_url(self, url: URL) -> bool:
+        """Remove ``url``'s object from the store and from OBS; whether there was one."""
+        key = self.key_for(url)
+        meta = self.index.get(key) or await self.from_store(key)
+        if meta is not None:
+            await self.purge(meta)
+        if self.shared is not None:
+            return await self.shared.purge(key) or meta is not None
+        return meta is not None
+
+    async def put(self, url: URL, upload: Upload) -> ObjectMeta:
+        """Store an uploaded body as ``url``'s object (see :func:`.upload.store_upload`)."""
+        key = self.key_for(url)
+        if key in self.fills:
+            raise UploadRefused("busy", "the URL is being fetched right now; try again when the fill is over")
+        meta = await store_upload(self.config, self.store, key, url, upload)
+        self.hot.discard(key)
+        self.index.put(meta)
+        await self.housekeeper.stored(meta)
+        if self.shared is not None:
+            self.shared.upload_later(meta)
+        return meta
+
+    async def prefetch(self, url: URL) -> tuple[str, str | None]:
+        """Make sure ``url`` is stored, through the same fill as a client's GET (a client asking
+        at the same time shares the fetch). Return (``cached`` | ``already_cached`` | ``failed``,
+        the error)."""
+        outcome = await self.get(url, "GET", {})
+        if isinstance(outcome, Hit):
+            return ("already_cached" if outcome.x_cache == "HIT" else "cached"), None
+        if isinstance(outcome, Buffered):
+            return "failed", f"the origin answered {outcome.status}"
+        if isinstance(outcome, Passthrough):
+            response = outcome.response
+            response.close()
+            if response.status >= 400:
+                return "failed", f"the origin answered {response.status}"
+            return "failed", f"not stored ({outcome.x_cache}: see the log for why)"
+        fill = outcome.fill
+        await asyncio.shield(fill.done)
+        if fill.error is not None:
+            return "failed", str(fill.error)
+        meta = self.index.get(fill.key)
+        if meta is None:
+            return "failed", "the body was passed on but not stored (see the log for why)"
+        return (
+            "cached" if meta.status == 200 else "failed"
+        ), None if meta.status == 200 else f"the origin answered {meta.status}"
 
     async def watch(self) -> None:
         """Periodic: tell the alerts how the store and OBS are doing."""

@@ -136,6 +136,18 @@ class SharedTier:
         except ObsUnavailable as exc:
             self._failed(str(exc))
 
+    async def purge(self, key: str) -> bool:
+        """Remove ``key``'s object from the bucket (an operator's purge); whether it was there.
+        Raise :class:`ObsUnavailable` when OBS cannot be asked."""
+        self.pending.pop(key, None)
+        self._known.pop(key, None)
+        object_key = self.remote.object_key(key)
+        there = await self.remote.stat(key) is not None
+        if there:
+            await self.remote.delete_key(object_key)
+        self.entries.pop(object_key, None)
+        return there
+
     def is_own(self, url: URL) -> bool:
         """A URL on the OBS endpoint (a client following our redirect through the proxy)."""
         return ((url.host or "").lower(), url.port) == self._endpoint

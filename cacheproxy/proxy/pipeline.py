@@ -53,9 +53,16 @@ Service = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 class Pipeline:
     """The request handler of every :class:`~.door.FrontDoor`."""
 
-    def __init__(self, state: AppState, services: Mapping[str, Service], observe: Observer) -> None:
+    def __init__(
+        self,
+        state: AppState,
+        services: Mapping[str, Service],
+        observe: Observer,
+        api: tuple[str, Service] | None = None,
+    ) -> None:
         self.state = state
-        self.services = services
+        self.services = services  # path -> read-only endpoint (GET, HEAD)
+        self.api = api  # (path prefix, handler of every method under it)
         self.observe = observe
         self.limits = ClientLimits(state.config.limits)
         self.targets = TargetCache()
@@ -144,6 +151,7 @@ class Pipeline:
             if data is None:
                 return False
             self.limits.take(client)
+            state.cache.touch(hit.meta)
         except (ProxyError, FileNotFoundError):
             return False
         transport = door.transport
@@ -159,6 +167,8 @@ class Pipeline:
 
     async def _service(self, request: web.BaseRequest) -> web.StreamResponse:
         handler = self.services.get(request.path)
+        if handler is None and self.api is not None and request.path.startswith(self.api[0]):
+            return await self.api[1](request)  # it checks methods and tokens itself
         if handler is None:
             raise NotFound(f"no such endpoint: {request.path[:200]}")
         if request.method not in READ_METHODS:

@@ -140,7 +140,7 @@ class HttpUpstream:
     def __init__(self, config: UpstreamConfig, access: AccessRules, guard: SsrfGuard, metrics: Metrics) -> None:
         self.config = config
         self._access = access
-        self._guard = guard
+        self._guard = self.guard = guard
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         self._resolver: GuardedResolver | None = None
