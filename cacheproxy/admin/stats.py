@@ -38,18 +38,20 @@ class Stats:
         self.history: collections.deque[Sample] = collections.deque(maxlen=SAMPLES)
         self.history.append(Sample(self.started, 0, 0, 0, 0))  # the charts count from the start
 
-    def sample(self) -> Sample:
+    def sample(self) -> None:
+        """A point of the charts (every :data:`SAMPLE_EVERY` seconds)."""
+        self.history.append(self._now())
+
+    def _now(self) -> Sample:
         requests = self._requests()
         metrics = self.state.metrics
-        point = Sample(
+        return Sample(
             time.time(),
             sum(requests.get(r, 0) for r in CACHED),
             sum(requests.get(r, 0) for r in FETCHED),
             metrics.response_bytes.labels("cache")._value.get(),
             metrics.response_bytes.labels("upstream")._value.get(),
         )
-        self.history.append(point)
-        return point
 
     def _requests(self) -> dict[str, float]:
         found: dict[str, float] = {}
@@ -61,7 +63,7 @@ class Stats:
 
     def last_hour(self) -> list[dict[str, float]]:
         """Per minute: requests from the cache and from the origin, and the bytes of each."""
-        points = [*self.history, self.sample_now()]
+        points = [*self.history, self._now()]
         out = []
         for before, after in itertools.pairwise(points):
             out.append(
@@ -74,11 +76,6 @@ class Stats:
                 }
             )
         return out[-(SAMPLES - 1) :]
-
-    def sample_now(self) -> Sample:
-        point = self.sample()
-        self.history.pop()  # a look, not a point of the history
-        return point
 
     async def snapshot(self) -> dict[str, object]:
         state = self.state
@@ -114,7 +111,7 @@ class Stats:
                 {
                     "url": fill.url,
                     "written": fill.written,
-                    "size": _size_of(fill),
+                    "size": fill.size,
                     "seconds": round(time.time() - fill.started, 1),
                 }
                 for fill in list(cache.fills.values())
@@ -128,12 +125,3 @@ class Stats:
             "most_requested": [{"url": m.url, "hits": n, "size": m.size} for m, n in popular if m is not None][:10],
             "last_hour": self.last_hour(),
         }
-
-
-def _size_of(fill: object) -> int | None:
-    head = getattr(fill, "head", None)
-    if head is None or not head.done() or head.cancelled() or head.exception() is not None:
-        return None
-    outcome = head.result()
-    inner = getattr(outcome, "head", None)
-    return getattr(inner, "size", None)

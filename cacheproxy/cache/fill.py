@@ -102,6 +102,14 @@ class Fill:
         self._readers: dict[int, int] = {}  # reader id -> its position
         self._drained: list[asyncio.Future[None]] = []
 
+    @property
+    def size(self) -> int | None:
+        """The body's length, once the origin has said it (the status page's progress)."""
+        if not self.head.done() or self.head.cancelled() or self.head.exception() is not None:
+            return None
+        outcome = self.head.result()
+        return outcome.head.size if isinstance(outcome, Streaming) else None
+
     # -- the filling side ---------------------------------------------------------------------
 
     def start_streaming(self, path: os.PathLike[str] | str, head: Head) -> None:

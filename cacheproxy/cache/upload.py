@@ -17,6 +17,7 @@ from yarl import URL
 from ..config import Config
 from ..storage.base import ObjectMeta, Spool
 from ..storage.flight import FillLock
+from .freshness import match_rule
 
 
 @dataclass
@@ -92,7 +93,5 @@ async def store_upload(config: Config, store: Spool, key: str, url: URL, upload:
 
 
 def _ttl(config: Config, path: str) -> float:
-    for rule in config.refresh_rules:
-        if rule.match.search(path):
-            return rule.ttl
-    return math.inf
+    rule = match_rule(path, config.refresh_rules)
+    return rule.ttl if rule is not None else math.inf
