@@ -12,6 +12,7 @@ from .config import Config, ConfigError, dump_config, load_config
 from .units import parse_duration
 
 EXIT_CONFIG = 2
+DEFAULT_PROXY = "http://127.0.0.1:3128"
 
 
 def _config_from(args: argparse.Namespace) -> Config:
@@ -70,6 +71,66 @@ def _ca_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prefetch(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .tools import prefetch as tool
+
+    urls = list(args.urls)
+    for name in args.file or []:
+        try:
+            if name == "-":
+                urls += tool.read_url_list(sys.stdin)
+            else:
+                with open(name, encoding="utf-8") as f:
+                    urls += tool.read_url_list(f)
+        except OSError as exc:
+            print(f"cacheproxy prefetch: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    if not urls:
+        print("cacheproxy prefetch: no URLs (give them as arguments or with -f FILE)", file=sys.stderr)
+        return EXIT_CONFIG
+    progress: tool.Progress
+    if sys.stderr.isatty() and not args.plain:
+        progress = tool.Bars(len(urls), args.jobs, sys.stdout)
+    else:
+        progress = tool.Lines(sys.stdout)
+    try:
+        results = asyncio.run(tool.prefetch(urls, args.proxy, progress, jobs=args.jobs, read_timeout=args.timeout))
+    finally:
+        progress.close()
+    print(tool.summary(results))
+    return 1 if any(r.state == tool.FAILED for r in results) else 0
+
+
+def _rewrite_spec(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .tools import specfile
+
+    try:
+        prefix = specfile.proxy_prefix(args.proxy)
+    except specfile.BadProxy as exc:
+        print(f"cacheproxy rewrite-spec: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    status = 0
+    for name in args.specs:
+        path = Path(name)
+        try:
+            result = specfile.rewrite(path.read_bytes(), prefix)
+            if not args.in_place:
+                sys.stdout.buffer.write(result.text)
+                sys.stdout.flush()
+            elif result.changed:
+                specfile.write_atomically(path, result.text)
+        except OSError as exc:
+            print(f"cacheproxy rewrite-spec: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{name}: {result.changed} URL(s) pointed at {args.proxy}", file=sys.stderr)
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cacheproxy", description="A caching forward proxy for build systems.")
     parser.add_argument("--version", action="version", version=f"cacheproxy {__version__}")
@@ -99,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     ca_init.add_argument("--name", help="the CA's common name (default: cacheproxy CA (HOSTNAME))")
     ca_init.add_argument("--force", action="store_true", help="replace existing files")
     ca_init.set_defaults(func=_ca_init)
+
+    proxy_default = os.environ.get("CACHEPROXY_PROXY", DEFAULT_PROXY)
+    pre = commands.add_parser("prefetch", help="make sure URLs are cached, through a running proxy")
+    pre.add_argument("urls", nargs="*", metavar="URL", help="origin URLs (http, https, ftp)")
+    pre.add_argument("-f", "--file", action="append", help="a file of URLs, one per line ('-' for stdin)")
+    pre.add_argument("--proxy", default=proxy_default, help=f"the proxy ($CACHEPROXY_PROXY, else {DEFAULT_PROXY})")
+    pre.add_argument("-j", "--jobs", type=int, default=4, help="downloads at once (4)")
+    pre.add_argument("--timeout", type=float, default=300.0, help="seconds without a byte before giving up (300)")
+    pre.add_argument("--plain", action="store_true", help="plain lines even on a terminal, no progress bars")
+    pre.set_defaults(func=_prefetch)
+
+    rewrite = commands.add_parser("rewrite-spec", help="point an RPM spec's Source/Patch URLs at the proxy")
+    rewrite.add_argument("specs", nargs="+", metavar="SPEC")
+    rewrite.add_argument("--proxy", required=True, help="the proxy's base URL, e.g. http://proxy.example:3128")
+    rewrite.add_argument("-i", "--in-place", action="store_true", help="rewrite the files (atomically)")
+    rewrite.set_defaults(func=_rewrite_spec)
     return parser
 
 

@@ -13,6 +13,8 @@ command -v node >/dev/null 2>&1 || missing+=("nodejs")
 command -v npm >/dev/null 2>&1 || missing+=("npm")
 # headless chromium renders the status page (tests/ops/test_status_page.py)
 command -v chromium >/dev/null 2>&1 || missing+=("chromium")
+# rpmbuild fetches a rewritten spec's sources through the proxy (tests/tools/test_rewrite_spec.py)
+command -v rpmbuild >/dev/null 2>&1 || missing+=("rpm")
 # nginx's stream module (the gateway tests: CONNECT and PROXY protocol pass through it)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing+=("libnginx-mod-stream")
 if ((${#missing[@]})); then

@@ -241,14 +241,14 @@ class Cache:
                 return hit
             if meta.vary and not vary_matches(meta.vary, headers):
                 meta = None  # not a stale copy of what this request asks for
+        fill = self.fills.get(key)
+        if fill is not None and fill.finished and fill.error is None and not waited:
+            # The origin's last byte is in: the object is about to be a hit (hashes, sync, rename).
+            await asyncio.wait([asyncio.shield(fill.done)], timeout=COMMIT_WAIT)
+            return await self.get(url, method, headers, waited=True)
         if req.only_if_cached:
             return Buffered(504, CIMultiDict({"Content-Type": "text/plain"}), b"not in the cache (only-if-cached)\n")
-        fill = self.fills.get(key)
         if fill is not None:
-            if fill.finished and fill.error is None and not waited:
-                # The origin's last byte is in: the object is about to be a hit (hashes, sync, rename).
-                await asyncio.wait([asyncio.shield(fill.done)], timeout=COMMIT_WAIT)
-                return await self.get(url, method, headers, waited=True)
             outcome = await asyncio.shield(fill.head)
             if fill.relay_at is not None or _other_variant(outcome, fill, headers):
                 return await self.bypass(url, method, headers)  # a relayed body cannot be joined late
