@@ -16,6 +16,7 @@ with ``X-Cacheproxy-Error``, never a 500.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -121,7 +122,11 @@ class AdminApi:
         meta = await self.state.cache.lookup(url)
         if meta is None:
             raise NotFound(f"not cached: {url.with_password('***') if url.password else url}")
-        return _json(meta.public())
+        info = meta.public()
+        first = await self.state.cache.first_seen(url)
+        if first is not None:  # an immutable URL: its first body's digest, and whether it changed since
+            info["first_seen"] = dataclasses.asdict(first)
+        return _json(info)
 
     async def upload(self, request: web.BaseRequest) -> web.Response:
         url = self._url(request.query.get("url"))

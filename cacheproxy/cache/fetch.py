@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -22,7 +23,7 @@ from yarl import URL
 from ..config import Config
 from ..errors import ProxyError, TransferAborted, UpstreamFailed
 from ..headers import end_to_end, for_storage, request_to_origin, updated
-from ..ops.alerts import STORE_UNWRITABLE, Alerts
+from ..ops.alerts import CONTENT_CHANGED, STORE_UNWRITABLE, Alerts
 from ..ops.logging import redact
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta, Spool, SpoolWriter
@@ -30,9 +31,10 @@ from ..storage.flight import FillLock, HeadFile, Watch
 from ..upstream.http import BODY_ERRORS, HttpUpstream, Response, describe
 from ..upstream.retry import RetryBudget
 from .fill import Buffered, Fill, Head, Hit, Passthrough
-from .freshness import freshness, initial_age, unstorable_reason
+from .freshness import freshness, initial_age, match_rule, unstorable_reason
 from .index import Index
 from .keys import MirrorMap
+from .provenance import Provenance
 from .pump import NoReaders, Pump
 from .shared import SharedTier
 from .variants import nominated, vary_matches
@@ -62,6 +64,7 @@ class Fetcher:
         from_store: Callable[[str], Awaitable[ObjectMeta | None]],
         touch: Callable[[ObjectMeta], None],
         stored: Callable[[ObjectMeta], Awaitable[None]],
+        provenance: Provenance,
     ) -> None:
         self.config = config
         self.store = store
@@ -76,6 +79,7 @@ class Fetcher:
         self.touch = touch
         self.stored = stored
         self.mirrors = mirrors
+        self.provenance = provenance
         self.rules = config.refresh_rules
         self.pump = Pump(upstream, config.upstream.read_timeout)
 
@@ -367,6 +371,26 @@ class Fetcher:
         if self.shared is not None:
             self.shared.upload_later(meta)
         await self.stored(meta)
+        rule = match_rule(url.path, self.rules)
+        if rule is not None and rule.override and meta.status == 200:
+            await self._check_provenance(meta)
+
+    async def _check_provenance(self, meta: ObjectMeta) -> None:
+        """An immutable URL's body must stay what it was when first stored: tell when it is not."""
+        try:
+            earlier = await self.store.run(self.provenance.observe, meta.key, meta.url, meta.sha256, meta.size)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("cannot record the sha256 of %s: %s", redact(meta.url), exc)
+            return
+        if earlier is None:
+            return
+        change = (
+            f"the body changed under an immutable URL: sha256 {meta.sha256} ({meta.size} bytes) now, "
+            f"{earlier.sha256} ({earlier.size} bytes) when first stored"
+        )
+        log.warning("content changed: %s: %s", redact(meta.url), change)
+        self.metrics.content_changed.inc()
+        self.alerts.raise_alert(CONTENT_CHANGED, meta.url, meta.url, 0, change)
 
 
 def _newer(current: ObjectMeta, stale: ObjectMeta | None) -> bool:

@@ -42,6 +42,7 @@ from .hot import HotBodies
 from .housekeeping import Housekeeper
 from .index import Index
 from .keys import Credentials, MirrorMap
+from .provenance import Provenance, Record
 from .shared import SharedTier
 from .upload import Upload, UploadRefused, store_upload
 from .variants import nominated, vary_matches
@@ -75,6 +76,7 @@ class Cache:
         self.alerts = alerts or Alerts(config.alerts, metrics, store.tmp_dir.parent / "alerts")
         self.credentials = Credentials(store.tmp_dir.parent / "credentials.key")
         self.hot = HotBodies(store, self.forget)
+        self.provenance = Provenance(store.tmp_dir.parent / "provenance.sqlite3")
         self.housekeeper = Housekeeper(config, store, metrics, self.index, shared, self.fills, self.hot, self.alerts)
         self.fetcher = Fetcher(
             config,
@@ -90,6 +92,7 @@ class Cache:
             from_store=self.from_store,
             touch=self.touch,
             stored=self.housekeeper.stored,
+            provenance=self.provenance,
         )
         self._keys: dict[URL, str] = {}  # cache keys of the URLs asked for last
         self._snapshot: asyncio.Task[None] | None = None
@@ -153,6 +156,7 @@ class Cache:
         if self._snapshot is not None:
             await asyncio.gather(self._snapshot, return_exceptions=True)
         await self.save_snapshot()
+        await self.store.run(self.provenance.close)
         if self.shared is not None:
             await self.shared.close()
 
@@ -300,6 +304,10 @@ class Cache:
         if meta is None and self.shared is not None:
             meta = await self.shared.lookup(key)
         return meta
+
+    async def first_seen(self, url: URL) -> Record | None:
+        """The digest ``url`` had when it was first stored, if it is an immutable URL."""
+        return await self.store.run(self.provenance.get, self.key_for(url))
 
     async def purge_url(self, url: URL) -> bool:
         """Remove ``url``'s object from the store and from OBS; whether there was one."""

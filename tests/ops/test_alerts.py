@@ -15,6 +15,7 @@ import trustme
 from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from yarl import URL
 
 from ..conftest import MakeProxy, Proxy
 from ..origin import Origin
@@ -275,3 +276,67 @@ async def test_obs_unreachable_and_store_over_watermark(
     assert sorted(events) == ["obs_unreachable", "store_over_watermark"]
     obs = next(c for c in receiver.calls if c["event"] == "obs_unreachable")
     assert obs["subject"] == "OBS bucket nowhere" and "ConnectionRefused" in str(obs["last_error"])
+
+
+async def test_an_immutable_url_whose_body_changes_is_reported(
+    make_proxy: MakeProxy, origin: Origin, receiver: Receiver, tmp_path: Path
+) -> None:
+    """Upstream re-tags a release under the same URL: the first digest is kept through a purge and
+    an eviction, another worker of the store sees it, and the change is logged, counted and alerted."""
+    from ..ops.test_admin import AUTH, TOKEN, call
+
+    proxy = await make_proxy(alerts__webhook__url=receiver.url, admin__tokens=[TOKEN])
+    first = origin.add("/pkg-1.0.tar.gz", body=b"release one" * 1000)
+    url = origin.url("/pkg-1.0.tar.gz")
+    origin.add("/notes.txt", body=b"notes one")  # not immutable: may change freely
+    notes = origin.url("/notes.txt")
+    for target in (url, notes):
+        response, _ = await proxy.get(target)
+        assert response.headers["X-Cache"] == "MISS"
+    await proxy.wait_idle()
+
+    # Purged and fetched again, same body: nothing to tell.
+    assert (await call(proxy, "DELETE", "objects", params={"url": url}, headers=AUTH))[0] == 204
+    response, body = await proxy.get(url)
+    assert body == first.body and response.headers["X-Cache"] == "MISS"
+    await proxy.wait_idle()
+    assert proxy.state.metrics.content_changed._value.get() == 0
+
+    # Re-tagged upstream; the object is evicted; another worker of the same store refetches it.
+    second = origin.add("/pkg-1.0.tar.gz", body=b"release one, re-tagged" * 1000)
+    origin.add("/notes.txt", body=b"notes two")
+    other = await make_proxy(cache_dir=proxy.cache_dir, alerts__webhook__url=receiver.url, admin__tokens=[TOKEN])
+    for target in (url, notes):
+        meta = await other.state.cache.lookup(URL(target))
+        assert meta is not None
+        await other.state.cache.purge(meta)  # what an eviction pass does to an object
+    response, body = await other.get(url)
+    assert body == second.body and response.headers["X-Cache"] == "MISS"
+    _, _ = await other.get(notes)
+    await other.wait_idle()
+    await wait_for(lambda: receiver.calls)
+    assert other.state.metrics.content_changed._value.get() == 1
+    call_ = receiver.calls[0]
+    assert call_["event"] == "content_changed" and call_["url"] == url and call_["subject"] == url
+    assert first.sha256 in str(call_["last_error"]) and second.sha256 in str(call_["last_error"])
+
+    status, _, info = await call(other, "GET", "objects", params={"url": url})
+    assert status == 200 and info["sha256"] == second.sha256  # the new body is what is served …
+    assert info["first_seen"]["sha256"] == first.sha256  # … and the first record stays
+    assert info["first_seen"]["last_sha256"] == second.sha256 and info["first_seen"]["changes"] == 1
+    status, _, info = await call(other, "GET", "objects", params={"url": notes})
+    assert status == 200 and "first_seen" not in info
+    await asyncio.sleep(0.2)
+    assert len(receiver.calls) == 1  # the notes changing is no news
+
+    # A client's no-cache makes the proxy revalidate: a third body is counted too (one alert per min_interval).
+    third = origin.add("/pkg-1.0.tar.gz", body=b"release one, third" * 1000, etag='"v3"')
+    response, body = await other.get(url, headers={"Cache-Control": "no-cache"})
+    assert body == third.body
+    await other.wait_idle()
+    assert other.state.metrics.content_changed._value.get() == 2
+    status, _, info = await call(other, "GET", "objects", params={"url": url})
+    assert info["first_seen"]["sha256"] == first.sha256 and info["first_seen"]["last_sha256"] == third.sha256
+    assert info["first_seen"]["changes"] == 2
+    await asyncio.sleep(0.2)
+    assert len(receiver.calls) == 1
