@@ -12,6 +12,7 @@ from .config import Config, ConfigError, dump_config, load_config
 from .units import parse_duration
 
 EXIT_CONFIG = 2
+EXIT_LISTEN = 3  # a listen address that cannot be had (in use, not ours, a privileged port)
 DEFAULT_PROXY = "http://127.0.0.1:3128"
 
 
@@ -24,6 +25,8 @@ def _config_from(args: argparse.Namespace) -> Config:
         overrides["cache.dir"] = args.cache_dir
     if getattr(args, "log_level", None):
         overrides["log.level"] = args.log_level
+    if getattr(args, "allow_private_upstreams", False):
+        overrides["rules.allow_private_upstreams"] = True
     config = load_config(path, overrides)
     if config.tls_intercept.enabled:  # the CA must load, not just exist
         from .certs import Authority, AuthorityError
@@ -44,7 +47,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = _config_from(args)
     setup_logging(config.log)
-    return workers.run(config, grace=parse_duration(args.grace))
+    try:
+        return workers.run(config, grace=parse_duration(args.grace))
+    except workers.ListenError as exc:
+        print(f"cacheproxy: {exc}", file=sys.stderr)
+        return EXIT_LISTEN
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -142,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache-dir", help="local cache directory")
         p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
         p.add_argument("--grace", default="30s", help="how long running transfers may finish on SIGTERM (30s)")
+        p.add_argument(
+            "--allow-private-upstreams",
+            action="store_true",
+            help="fetch from origins on loopback/private addresses too (rules.allow_private_upstreams: true)",
+        )
 
     serve = commands.add_parser("serve", help="run the proxy (the default command)")
     add_serve_options(serve)

@@ -11,6 +11,7 @@ the workers, which drain as a single process would.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -38,6 +39,30 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
+class ListenError(Exception):
+    pass
+
+
+def check_free(address: ListenAddress) -> None:
+    """Fail early, in one line, when ``address`` cannot be listened on: bound without
+    SO_REUSEPORT, so another process's port (even another cacheproxy's) is never shared."""
+    if address.port == 0:
+        return
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address.host, address.port))
+        except OSError as exc:
+            hint = {
+                errno.EADDRINUSE: f" (another process listens there: `ss -ltnp 'sport = :{address.port}'` names "
+                "it; choose another with --listen or `listen:`)",
+                errno.EACCES: " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+                errno.EADDRNOTAVAIL: " (no interface of this machine has that address)",
+            }.get(exc.errno or 0, "")
+            raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}{hint}") from None
+
+
 def reserve(address: ListenAddress) -> socket.socket:
     """Bind (not listen) with SO_REUSEPORT: the port is ours and the workers can share it."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -61,6 +86,8 @@ def _worker(config: Config, grace: float, number: int) -> int:
 
 def run(config: Config, grace: float) -> int:
     """Serve with ``config.workers`` processes until SIGTERM/SIGINT. Returns the exit status."""
+    for address in config.listen:
+        check_free(address)
     if config.workers == 1:
         from .app import serve
 

@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# nginx and podman's helpers live in /usr/sbin, which a Debian user's PATH does not have
+export PATH="$PATH:/usr/sbin:/sbin"
+
 missing=()
 for tool in wget curl nginx; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")

@@ -49,7 +49,8 @@ class SsrfGuard:
                 # The address itself is not told: a client must not learn the internal network.
                 raise PrivateUpstreamError(
                     f"{host} is on a private, loopback or link-local address "
-                    "(allowed only with rules.allow_private_upstreams: true)"
+                    "(allowed only with rules.allow_private_upstreams: true, "
+                    "or cacheproxy serve --allow-private-upstreams)"
                 )
 
     def check_literal(self, host: str) -> None:
