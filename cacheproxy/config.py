@@ -23,7 +23,7 @@ from yarl import URL
 from .units import parse_duration, parse_size, parse_ttl
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")  # ${VAR} or ${VAR:-default}
 _SECRET_KEYS = {"secret_access_key", "access_key_id", "password", "tokens"}
 _SECRET_HEADER = re.compile(r"auth|token|key|secret|cookie", re.I)
 
@@ -356,7 +356,9 @@ def _expand_env(value: Any, key: str, problems: list[str], where: str) -> Any:
     if isinstance(value, str):
 
         def sub(match: re.Match[str]) -> str:
-            name = match.group(1)
+            name, default = match.group(1), match.group(2)
+            if default is not None and not os.environ.get(name):  # as the shell's ${VAR:-default}
+                return default
             if name not in os.environ:
                 problems.append(f"{where}:{key}: environment variable {name} is not set")
                 return ""

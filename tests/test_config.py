@@ -56,6 +56,24 @@ def test_file_env_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert config.upstream.retries == 0
 
 
+def test_env_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``${VAR:-default}`` as in the shell: the default when VAR is unset or empty."""
+    monkeypatch.setenv("CP_TEST_EMPTY", "")
+    monkeypatch.setenv("CP_TEST_SET", "9.9.9.9:80")
+    monkeypatch.delenv("CP_TEST_UNSET", raising=False)
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "listen: ['${CP_TEST_SET:-1.1.1.1:1}', '${CP_TEST_EMPTY:-127.0.0.2:3128}']\n"
+        "cache: {dir: '${CP_TEST_UNSET:-/var/cache/cacheproxy}'}\nalerts: {instance: '${CP_TEST_UNSET:-}x'}\n"
+    )
+    config = load_config(path)
+    assert [str(a) for a in config.listen] == ["9.9.9.9:80", "127.0.0.2:3128"]
+    assert config.cache.dir == Path("/var/cache/cacheproxy") and config.alerts.instance == "x"
+    path.write_text("cache: {dir: '${CP_TEST_UNSET}'}\n")
+    with pytest.raises(ConfigError, match="CP_TEST_UNSET is not set"):
+        load_config(path)
+
+
 def test_errors_name_file_and_key(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(
