@@ -18,6 +18,15 @@ command -v npm >/dev/null 2>&1 || missing+=("npm")
 command -v chromium >/dev/null 2>&1 || missing+=("chromium")
 # rpmbuild fetches a rewritten spec's sources through the proxy (tests/tools/test_rewrite_spec.py)
 command -v rpmbuild >/dev/null 2>&1 || missing+=("rpm")
+# podman builds and runs the Dockerfile and docker-compose.yml (tests/deploy/test_containers.py);
+# mmdebstrap makes the python:3.11-slim stand-in (no registry); dnsname lets compose services
+# find each other by name on podman's CNI network
+command -v podman >/dev/null 2>&1 || missing+=("podman" "buildah" "runc" "fuse-overlayfs" "slirp4netns" "uidmap")
+command -v podman-compose >/dev/null 2>&1 || missing+=("podman-compose")
+command -v mmdebstrap >/dev/null 2>&1 || missing+=("mmdebstrap")
+[ -e /usr/lib/cni/dnsname ] || missing+=("golang-github-containernetworking-plugin-dnsname")
+# systemd-analyze verifies the systemd unit (tests/deploy/test_systemd.py)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=("systemd")
 # nginx's stream module (the gateway tests: CONNECT and PROXY protocol pass through it)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing+=("libnginx-mod-stream")
 if ((${#missing[@]})); then
@@ -36,4 +45,4 @@ fi
 
 .venv/bin/ruff check .
 .venv/bin/mypy
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -rs -p no:cacheprovider "$@"

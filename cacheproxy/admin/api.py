@@ -56,7 +56,7 @@ class AdminApi:
         self.state = state
         self.stats = stats
         self.jobs = jobs
-        self._tokens = [t.encode() for t in state.config.admin.tokens]
+        self._tokens = [t.encode() for t in state.config.admin.tokens if t.strip()]  # "${TOKEN:-}" unset: none
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
