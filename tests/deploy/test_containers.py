@@ -130,7 +130,18 @@ async def test_compose_stack_serves_through_the_gateway(podman: Podman, tmp_path
             logs = await asyncio.to_thread(podman, "logs", f"{name}_gateway_1", check=False)
             raise AssertionError(f"no answer through the gateway: {logs.stdout[-2000:]}{logs.stderr[-2000:]}")
         assert first == (200, "MISS", body)
-        assert await get(url) == (200, "HIT", body)  # from the shared volume, whichever instance answers
+        # Once committed (hashed, synced, renamed), a hit from the shared volume whichever instance
+        # answers; until then the other instance follows the first one's fill.
+        for _ in range(40):
+            again = await get(url)
+            assert again[0] == 200 and again[2] == body
+            if again[1] == "HIT":
+                break
+            await asyncio.sleep(0.25)
+        assert again[1] == "HIT"
+        origin_log = await asyncio.to_thread(podman, "logs", f"{name}_origin_1")
+        fetches = (origin_log.stdout + origin_log.stderr).count("GET /hello-1.0.tar.gz")
+        assert fetches == 1, origin_log.stderr[-2000:]  # one origin fetch for the two instances
         for container in (f"{name}_cacheproxy1_1", f"{name}_cacheproxy2_1", f"{name}_gateway_1"):
             health = await asyncio.to_thread(podman, "healthcheck", "run", container, check=False)
             assert health.returncode == 0, f"{container}: {health.stdout}{health.stderr}"

@@ -10,13 +10,14 @@ from ..conftest import MakeProxy
 from ..origin import Origin
 
 
-async def denied(make_proxy: MakeProxy, url: str, code: str, **overrides: object) -> None:
+async def denied(make_proxy: MakeProxy, url: str, code: str, **overrides: object) -> bytes:
     proxy = await make_proxy(**overrides)
     response, body = await proxy.get(url)
     assert response.status == 403, body
     assert response.headers["X-Cacheproxy-Error"] == code
     text = proxy.state.metrics.render()[0].decode()
     assert f'cacheproxy_denied_total{{reason="{code}"}} 1.0' in text
+    return body
 
 
 async def test_client_not_allowed(make_proxy: MakeProxy, origin: Origin) -> None:
@@ -27,8 +28,10 @@ async def test_client_not_allowed(make_proxy: MakeProxy, origin: Origin) -> None
 
 async def test_private_upstream_refused_by_default(make_proxy: MakeProxy, origin: Origin) -> None:
     origin.add("/a.tar.gz", body=b"a")
-    await denied(make_proxy, origin.url("/a.tar.gz"), "private_upstream", rules__allow_private_upstreams=False)
+    body = await denied(make_proxy, origin.url("/a.tar.gz"), "private_upstream", rules__allow_private_upstreams=False)
     assert origin.hits("/a.tar.gz") == 0
+    # The refusal names the setting and the command-line flag that change it.
+    assert b"rules.allow_private_upstreams: true" in body and b"serve --allow-private-upstreams" in body
 
 
 async def test_private_upstream_refused_by_name(make_proxy: MakeProxy, origin: Origin) -> None:
