@@ -54,6 +54,13 @@ class HeadTimeout(ProxyError):
     code = "head_timeout"
 
 
+class PreconditionFailed(ProxyError):
+    """The client's expected checksum (``X-Checksum-*``, ``Integrity``) is not the body's."""
+
+    status = 412
+    code = "checksum_mismatch"
+
+
 class Denied(ProxyError):
     """403; ``code`` is one of client_denied, host_denied, suffix_denied, private_upstream, port_denied."""
 

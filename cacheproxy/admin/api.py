@@ -131,7 +131,7 @@ class AdminApi:
     async def upload(self, request: web.BaseRequest) -> web.Response:
         url = self._url(request.query.get("url"))
         expected = {}
-        for name in ("sha256", "md5"):
+        for name in ("sha256", "sha512", "md5"):
             value = request.headers.get(f"X-Checksum-{name.capitalize()}")
             if value is not None:
                 expected[name] = value.strip()

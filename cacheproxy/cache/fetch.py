@@ -174,6 +174,7 @@ class Fetcher:
         current = await self.from_store(fill.key)
         if fill.head.done():
             if current is not None and current.size == fill.written and size in (None, fill.written):
+                fill.set_digests(current.digests)
                 fill.finish()
             else:
                 fill.set_error(TransferAborted(f"the fill in another worker broke after {fill.written} bytes"))
@@ -322,7 +323,7 @@ class Fetcher:
                 log.info("not storing %s: body length unknown (no Content-Length, not chunked)", url)
                 await writer.abort()
                 return
-            await self._commit(fill.key, url, first, writer)
+            await self._commit(fill, url, first, writer)
         except BaseException as exc:
             await writer.abort()
             if isinstance(exc, NoReaders):
@@ -339,17 +340,29 @@ class Fetcher:
             response.release()
             first.release()
 
-    async def _commit(self, key: str, url: URL, response: Response, writer: SpoolWriter) -> None:
+    async def _commit(self, fill: Fill, url: URL, response: Response, writer: SpoolWriter) -> None:
+        key = fill.key
+        digests = await writer.digests()
+        fill.set_digests(digests)  # clients holding their last bytes back learn the verdict now
+        for expected in fill.expectations:
+            if not expected.matches(digests):
+                wanted = ", ".join(f"{a} {h}" for a, h in expected.wanted)
+                error = f"the body (sha256 {digests.sha256}) is not what a client expected ({wanted})"
+                log.warning("not storing %s: %s", url, error)
+                self.metrics.checksum_mismatches.labels("miss").inc()
+                self._failed(url, error)
+                await writer.abort()
+                return
         now = time.time()
-        sha256, md5 = await writer.digests()
         h = response.headers
         fresh = freshness(url.path, response.status, h, now, self.rules, self.config.rules.negative_ttl)
         meta = ObjectMeta(
             key=key,
             url=str(url.with_user(None)),  # no FTP credentials in the store
             size=writer.written,
-            sha256=sha256,
-            md5=md5,
+            sha256=digests.sha256,
+            sha512=digests.sha512,
+            md5=digests.md5,
             stored_at=now,
             response_time=now,
             lifetime=fresh.lifetime,
@@ -367,7 +380,7 @@ class Fetcher:
         )
         meta = await writer.commit(meta)
         self.index.put(meta)
-        log.info("stored %s (%d bytes, sha256 %s)", url, meta.size, sha256)
+        log.info("stored %s (%d bytes, sha256 %s)", url, meta.size, meta.sha256)
         if self.shared is not None:
             self.shared.upload_later(meta)
         await self.stored(meta)

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 from multidict import CIMultiDict
 
-from ..storage.base import ObjectMeta
+from ..storage.base import Digests, ObjectMeta
 from ..upstream.http import Response
+from .checksums import Expected
 from .hot import Ready
 
 
@@ -57,6 +58,7 @@ class Hit:
     meta: ObjectMeta
     x_cache: str = "HIT"  # HIT, REVALIDATED or STALE
     ready: Ready | None = None
+    source: str | None = None  # another URL whose stored body the request's expected checksum names
     redirect: str | None = None
     remote: RemoteReader | None = None
 
@@ -88,6 +90,11 @@ class Fill:
         loop = asyncio.get_running_loop()
         self.head: asyncio.Future[Outcome] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()  # the fill is over (committed or not)
+        # The whole body's digests once known (None: never, e.g. a relayed body); clients that
+        # expect a checksum hold their last bytes back until then, and their expectations
+        # decide whether the body is committed.
+        self.digests: asyncio.Future[Digests | None] = loop.create_future()
+        self.expectations: list[Expected] = []
         self.written = 0
         self.finished = False  # the whole body is in the file
         self.error: str | None = None  # the body cannot be completed
@@ -182,7 +189,12 @@ class Fill:
         self.finished = True
         self._wake()
 
+    def set_digests(self, digests: Digests | None) -> None:
+        if not self.digests.done():
+            self.digests.set_result(digests)
+
     def close(self) -> None:
+        self.set_digests(None)
         if not self.done.done():
             self.done.set_result(None)
         if self._read_fd is not None:

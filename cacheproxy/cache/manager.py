@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -20,12 +21,14 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from ..config import Config
+from ..errors import PreconditionFailed
 from ..headers import request_to_origin
 from ..ops.alerts import OBS_UNREACHABLE, STORE_UNWRITABLE, Alerts, Failure
 from ..ops.metrics import Metrics
 from ..storage.base import ObjectMeta, Spool
 from ..upstream.http import HttpUpstream
 from ..upstream.retry import RetryBudget
+from .checksums import Expected, hash_file
 from .fetch import Fetcher
 from .fill import Buffered, Fill, Hit, Outcome, Passthrough, Streaming
 from .freshness import (
@@ -216,6 +219,72 @@ class Cache:
         if shared.config.serve_hits == "redirect":  # the client fetches it from OBS, with a URL that expires
             return Hit(meta, x_cache, redirect=shared.signed_url(meta))
         return Hit(meta, x_cache, remote=lambda start, stop: shared.remote.read(meta, start, stop))
+
+    async def answer(
+        self, url: URL, method: str, headers: Mapping[str, str], expected: Expected | None = None
+    ) -> Outcome:
+        """What answers a GET/HEAD of ``url``. With ``expected`` (the request pins the body's
+        checksum): a stored body that matches answers whatever its freshness, and so does another
+        URL's body named by sha256/sha512; a stored body that differs is refused (412); a fill's
+        clients verify the body before its last bytes go out (:class:`~.fill.Fill`)."""
+        if expected is not None:
+            pinned = await self._pinned(url, headers, expected)
+            if pinned is not None:
+                return pinned
+        outcome = await self.get(url, method, headers)
+        if expected is not None and isinstance(outcome, Hit) and outcome.meta.status == 200:
+            await self._verify(outcome.meta, expected, url)
+        return outcome
+
+    async def _pinned(self, url: URL, headers: Mapping[str, str], expected: Expected) -> Hit | None:
+        key = self.key_for(url, headers)
+        meta = self.index.get(key)
+        if meta is not None and meta.status == 200:
+            meta = await self._verify(meta, expected, url)
+            return self._ready_hit(meta)
+        if meta is not None or key in self.fills:
+            return None
+        for algorithm, hexdigest in expected.strong():
+            for other in self.index.by_digest(algorithm, hexdigest):
+                if other.status == 200 and expected.matches(other.digests):
+                    hit = self._ready_hit(other)
+                    if hit is not None:
+                        hit.source = other.url
+                        self.metrics.digest_hits.inc()
+                        log.info("%s answered with the body of %s (%s %s)", url, other.url, algorithm, hexdigest)
+                        return hit
+        return None
+
+    def _ready_hit(self, meta: ObjectMeta) -> Hit | None:
+        try:
+            ready = self.hot.get(meta)
+        except FileNotFoundError:  # removed by another worker just now
+            return None
+        self.touch(meta)
+        hit = self.hit(meta, "HIT")
+        hit.ready = ready
+        return hit
+
+    async def _verify(self, meta: ObjectMeta, expected: Expected, url: URL) -> ObjectMeta:
+        """``meta`` with every digest ``expected`` pins (computed now for an older object), or
+        PreconditionFailed when the stored body is not the expected one."""
+        if expected.unknown_in(meta.digests) and meta.file:
+            digests = await self.store.run(hash_file, str(self.store.body_path(meta)))
+            meta = dataclasses.replace(meta, sha256=digests.sha256, sha512=digests.sha512, md5=digests.md5)
+            self.index.put(meta)
+            await self.store.update_meta(meta)
+        if len(expected.unknown_in(meta.digests)) == len(expected.wanted):
+            raise PreconditionFailed(
+                f"the stored body of {url} has no {'/'.join(a for a, _ in expected.wanted)} digest "
+                "(stored before it was kept, and only in OBS): pin its sha256, or purge it"
+            )
+        try:
+            expected.check(meta.digests, f"the stored body of {url}")
+        except PreconditionFailed as exc:
+            self.metrics.checksum_mismatches.labels("hit").inc()
+            log.warning("checksum mismatch: %s", exc.reason)
+            raise
+        return meta
 
     async def get(self, url: URL, method: str, headers: Mapping[str, str], *, waited: bool = False) -> Outcome:
         if self.shared is not None and self.shared.is_own(url):

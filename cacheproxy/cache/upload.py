@@ -27,7 +27,7 @@ class Upload:
     body: AsyncIterator[bytes]
     length: int | None  # Content-Length, when sent
     content_type: str
-    expected: dict[str, str]  # "sha256"/"md5" -> the hex digest the body should have
+    expected: dict[str, str]  # "sha256"/"sha512"/"md5" -> the hex digest the body should have
 
 
 class UploadRefused(Exception):
@@ -62,10 +62,10 @@ async def store_upload(config: Config, store: Spool, key: str, url: URL, upload:
                 await writer.write(chunk)
             if length is not None and writer.written != length:
                 raise UploadRefused("truncated", f"got {writer.written} of {length} bytes")
-            sha256, md5 = await writer.digests()
-            for name, actual in (("sha256", sha256), ("md5", md5)):
-                want = expected.get(name)
-                if want is not None and want.lower() != actual:
+            digests = await writer.digests()
+            for name, want in expected.items():
+                actual = digests.get(name)
+                if want.lower() != actual:
                     raise UploadRefused(
                         "checksum_mismatch", f"X-Checksum-{name.capitalize()} says {want}, the body has {actual}"
                     )
@@ -74,8 +74,9 @@ async def store_upload(config: Config, store: Spool, key: str, url: URL, upload:
                 key=key,
                 url=str(url.with_user(None)),
                 size=writer.written,
-                sha256=sha256,
-                md5=md5,
+                sha256=digests.sha256,
+                sha512=digests.sha512,
+                md5=digests.md5,
                 stored_at=now,
                 response_time=now,
                 lifetime=_ttl(config, url.path),

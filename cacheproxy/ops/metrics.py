@@ -28,6 +28,15 @@ class Metrics:
         self.cache_size_bytes = Gauge(p + "cache_size_bytes", "Bytes in the store", registry=r)
         self.fills_in_progress = Gauge(p + "fills_in_progress", "Upstream fills running", registry=r)
         self.evictions = Counter(p + "evictions", "Objects evicted", registry=r)
+        self.checksum_mismatches = Counter(
+            p + "checksum_mismatches",
+            "Bodies that were not what the request's expected checksum named (where: hit or miss)",
+            ["where"],
+            registry=r,
+        )
+        self.digest_hits = Counter(
+            p + "digest_hits", "Requests answered with another URL's body named by their expected checksum", registry=r
+        )
         self.alerts_sent = Counter(p + "alerts_sent", "Alerts sent", ["channel"], registry=r)
         self.alerts_failed = Counter(
             p + "alerts_failed", "Alerts a channel did not take (after its retries)", ["channel"], registry=r

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion10, RawRequestMessage
 from yarl import URL
 
+from ..cache.checksums import expected_from
 from ..errors import VIA, Denied, LoopDetected, MethodNotAllowed, NotFound, ProxyError, error_response
 from ..guard.limits import ClientLimits
 from ..ops.observe import Observation, Observer
@@ -45,6 +46,10 @@ NOT_PLAIN = frozenset(
         b"pragma",
         b"authorization",
         b"via",  # the loop check
+        b"x-checksum-sha256",  # an expected checksum: verified on the general path
+        b"x-checksum-sha512",
+        b"x-checksum-md5",
+        b"integrity",
     }
 )
 Service = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -189,13 +194,14 @@ async def proxy_request(
             "the proxy is its own origin or parent (check upstream.parent_proxy and the URL)"
         )
     if request.method in READ_METHODS:
-        outcome = await state.cache.get(url, request.method, request.headers)
+        expected = expected_from(request.headers)
+        outcome = await state.cache.answer(url, request.method, request.headers, expected)
         try:
-            return await responder.send(request, outcome)
+            return await responder.send(request, outcome, expected)
         except ObjectGone as gone:
             state.cache.forget(gone.meta)
-            outcome = await state.cache.get(url, request.method, request.headers)
-            return await responder.send(request, outcome)
+            outcome = await state.cache.answer(url, request.method, request.headers, expected)
+            return await responder.send(request, outcome, expected)
     if not state.config.rules.allow_other_methods:
         raise MethodNotAllowed(
             f"{request.method} is not allowed (only GET and HEAD; see rules.allow_other_methods)",

@@ -9,6 +9,7 @@ completed resets the client connection: wget and curl must see an error, never a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
 import os
@@ -21,7 +22,8 @@ from http import HTTPStatus
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..cache.fill import Buffered, Hit, Outcome, Passthrough, Streaming
+from ..cache.checksums import Expected
+from ..cache.fill import Buffered, Fill, Hit, Outcome, Passthrough, Streaming
 from ..cache.freshness import current_age, http_date
 from ..cache.hot import Ready
 from ..errors import SERVER, TransferAborted, UpstreamFailed
@@ -34,6 +36,9 @@ from .sendfile import send_file
 log = logging.getLogger(__name__)
 _KNOWN = frozenset(int(s) for s in HTTPStatus)
 READ_CHUNK = 1 << 20
+HOLD_BACK = 64 << 10  # bytes of a miss held back until the body is verified against an expected checksum
+VERDICT_TIMEOUT = 600.0  # seconds the hashing of a complete body may take
+SOURCE_HEADER = "X-Cacheproxy-Source"  # the URL whose stored body answered (matched by checksum)
 SENT = web.RequestKey("sent", int)  # body bytes sent, for the access log
 ANSWERED = web.RequestKey("answered", web.StreamResponse)  # the response whose head went out
 
@@ -131,6 +136,8 @@ def hit_headers(meta: ObjectMeta, x_cache: str) -> CIMultiDict[str]:
         headers.setdefault("Content-Type", "application/octet-stream")
         headers["Accept-Ranges"] = "bytes"
         headers["X-Checksum-Sha256"] = meta.sha256
+        if meta.sha512:
+            headers["X-Checksum-Sha512"] = meta.sha512
         headers["X-Checksum-Md5"] = meta.md5
     headers["Age"] = str(int(current_age(meta.initial_age, meta.response_time, now)))
     headers.setdefault("Date", http_now(now))
@@ -197,6 +204,29 @@ async def _copy_fd(response: web.StreamResponse, fd: int, start: int, stop: int)
         start += len(data)
 
 
+def _threshold(position: int, size: int | None, hold: int) -> int:
+    """How many bytes must be written before a reader at ``position`` may send more while it
+    holds the last ``hold`` bytes back (waiting past ``size`` means: until the fill ends)."""
+    if not hold:
+        return position
+    if size is None:
+        return position + hold
+    return position if position < size - hold else size
+
+
+async def _verdict(fill: Fill, expected: Expected | None) -> None:
+    """Raise TransferAborted unless the fill's whole body has the ``expected`` digests."""
+    assert expected is not None
+    try:
+        digests = await asyncio.wait_for(asyncio.shield(fill.digests), VERDICT_TIMEOUT)
+    except TimeoutError:
+        digests = None
+    if digests is None:
+        raise TransferAborted(f"{fill.url}: the body could not be verified against the expected checksum")
+    if not expected.matches(digests):
+        raise TransferAborted(f"{fill.url}: the body is not the one the request's checksum names")
+
+
 def _open_body(path: os.PathLike[str]) -> io.FileIO:
     return open(path, "rb", buffering=0)  # closed by the caller
 
@@ -206,18 +236,24 @@ class Responder:
         self._store = store
         self._metrics = metrics
 
-    async def send(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
+    async def send(
+        self, request: web.BaseRequest, outcome: Outcome, expected: Expected | None = None
+    ) -> web.StreamResponse:
+        """``outcome`` to the client; a body not yet verified against ``expected`` (a miss, a
+        passthrough) has its last bytes held back until it is, and a mismatch resets the connection."""
         if isinstance(outcome, Hit):
             return await self.send_hit(request, outcome)
         if isinstance(outcome, Streaming):
-            return await self.send_streaming(request, outcome)
+            return await self.send_streaming(request, outcome, expected)
         if isinstance(outcome, Buffered):
             return self.send_buffered(outcome)
-        return await self.send_passthrough(request, outcome)
+        return await self.send_passthrough(request, outcome, expected)
 
     async def send_hit(self, request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
         meta, ready = hit.meta, hit.ready
         headers = hit_headers(meta, hit.x_cache)
+        if hit.source is not None:
+            headers[SOURCE_HEADER] = hit.source
         whole = meta.status == 200  # conditions and ranges apply to a stored 200 only
         if meta.status == 204:
             return web.Response(status=204, headers=headers)
@@ -296,8 +332,16 @@ class Responder:
         await response.write_eof()
         return response
 
-    async def send_streaming(self, request: web.BaseRequest, streaming: Streaming) -> web.StreamResponse:
+    async def send_streaming(
+        self, request: web.BaseRequest, streaming: Streaming, expected: Expected | None = None
+    ) -> web.StreamResponse:
         fill, size = streaming.fill, streaming.head.size
+        # With an expected checksum, the last HOLD_BACK bytes wait for the whole body's digests
+        # (and the expectation has its say in whether the fill is stored).
+        hold = HOLD_BACK if expected is not None and streaming.head.status == 200 and request.method == "GET" else 0
+        if hold:
+            assert expected is not None
+            fill.expectations.append(expected)
         headers = with_via(CIMultiDict(streaming.head.headers))
         headers.setdefault("Server", SERVER)
         headers["X-Cache"] = "MISS"
@@ -324,8 +368,17 @@ class Responder:
         fill.reader_at(reader, position)
         try:
             while stop is None or position < stop:
-                await fill.wait_beyond(position)
+                if hold and fill.finished and fill.error is None:
+                    await _verdict(fill, expected)  # the whole body is in: is it the expected one?
+                    hold = 0
+                await fill.wait_beyond(_threshold(position, size, hold))
                 available = fill.written if stop is None else min(fill.written, stop)
+                if hold:
+                    if fill.error is not None:
+                        raise TransferAborted(fill.error)
+                    if fill.finished:
+                        continue  # the verdict first
+                    available = min(available, max(position, (fill.written if size is None else size) - hold))
                 in_file = available if fill.relay_at is None else min(available, fill.relay_at)
                 if in_file > position:
                     if stop is not None:
@@ -362,8 +415,13 @@ class Responder:
         headers["X-Cache"] = buffered.x_cache
         return web.Response(status=buffered.status, body=buffered.body, headers=headers)
 
-    async def send_passthrough(self, request: web.BaseRequest, passthrough: Passthrough) -> web.StreamResponse:
+    async def send_passthrough(
+        self, request: web.BaseRequest, passthrough: Passthrough, expected: Expected | None = None
+    ) -> web.StreamResponse:
         upstream = passthrough.response
+        verify = expected is not None and upstream.status == 200 and request.method == "GET"
+        hashes = {a: hashlib.new(a) for a, _ in expected.wanted} if verify and expected is not None else {}
+        held = b""  # the last chunk, sent once the body is verified
         try:
             headers = with_via(end_to_end(upstream.headers))
             headers.setdefault("Server", SERVER)
@@ -383,8 +441,24 @@ class Responder:
                     return response
                 if not chunk:
                     break
-                await response.write(chunk)
-                _count(request, self._metrics, "upstream", len(chunk))
+                if verify:
+                    for h in hashes.values():
+                        h.update(chunk)
+                    chunk, held = held, chunk
+                if chunk:
+                    await response.write(chunk)
+                    _count(request, self._metrics, "upstream", len(chunk))
+            if verify and expected is not None:
+                actual = {a: h.hexdigest() for a, h in hashes.items()}
+                if any(actual[a] != want for a, want in expected.wanted):
+                    self._metrics.checksum_mismatches.labels("miss").inc()
+                    wanted = ", ".join(f"{a} {h}" for a, h in expected.wanted)
+                    log.warning("checksum mismatch: %s has %s, the request expects %s", upstream.url, actual, wanted)
+                    abort_connection(request)
+                    return response
+                if held:
+                    await response.write(held)
+                    _count(request, self._metrics, "upstream", len(held))
             await response.write_eof()
             return response
         finally:

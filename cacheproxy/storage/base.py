@@ -25,6 +25,18 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Digests:
+    """Hex digests of one body ("" for one that was not computed: objects stored before sha512)."""
+
+    sha256: str
+    sha512: str
+    md5: str
+
+    def get(self, algorithm: str) -> str:
+        return str(getattr(self, algorithm))
+
+
 @dataclass
 class ObjectMeta:
     """One stored object. ``key`` is the normalized URL; everything else describes the body."""
@@ -36,6 +48,7 @@ class ObjectMeta:
     md5: str
     stored_at: float
     response_time: float  # when the origin last confirmed this body (fill or 304)
+    sha512: str = ""  # "" for objects stored before sha512 was kept
     lifetime: float = math.inf  # freshness lifetime in seconds from response_time
     must_revalidate: bool = False
     content_type: str | None = None
@@ -50,6 +63,10 @@ class ObjectMeta:
     last_access: float = 0.0
     file: str = ""  # the body file in the local store ("" when only the shared store has it)
     remote: str = ""  # the object's key in OBS once uploaded
+
+    @property
+    def digests(self) -> Digests:
+        return Digests(self.sha256, self.sha512, self.md5)
 
     def to_json(self) -> str:
         data = dict(self.__dict__)  # flat fields, a flat dict and a list of pairs: no deep copy needed
@@ -89,6 +106,7 @@ class ObjectMeta:
             "key": self.key,
             "size": self.size,
             "sha256": self.sha256,
+            "sha512": self.sha512,
             "md5": self.md5,
             "content_type": self.content_type,
             "stored_at": self.stored_at,
@@ -113,8 +131,8 @@ class Writer(ABC):
         """Append ``data`` (or the chunks, in order): visible to readers of the file at once."""
 
     @abstractmethod
-    async def digests(self) -> tuple[str, str]:
-        """(sha256, md5) of everything written."""
+    async def digests(self) -> Digests:
+        """sha256, sha512 and md5 of everything written."""
 
     @abstractmethod
     async def commit(self, meta: ObjectMeta) -> ObjectMeta: ...

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import flight
-from .base import ObjectMeta, Spool, SpoolWriter, key_digest
+from .base import Digests, ObjectMeta, Spool, SpoolWriter, key_digest
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -61,11 +61,11 @@ READ_PIECE = 1 << 20
 
 
 class LocalWriter(SpoolWriter):
-    """A body written to ``tmp/``; sha256 and md5 follow behind the writes.
+    """A body written to ``tmp/``; its digests follow behind the writes.
 
     Writes only copy bytes into the file, so readers of the growing file see them at once. A
-    background task reads back what was written (from the page cache) and hashes it, sha256 and
-    md5 in parallel threads; :meth:`digests` waits for it to reach the end. Hashing never holds
+    background task reads back what was written (from the page cache) and hashes it, sha256,
+    sha512 and md5 in parallel threads; :meth:`digests` waits for it to reach the end. Hashing never holds
     the transfer back, and memory stays bounded by one chunk.
     """
 
@@ -79,6 +79,7 @@ class LocalWriter(SpoolWriter):
         self._hashing: asyncio.Task[None] | None = None
         self._stopped = False
         self._sha256 = hashlib.sha256()
+        self._sha512 = hashlib.sha512()
         self._md5 = hashlib.md5()
 
     @property
@@ -160,8 +161,8 @@ class LocalWriter(SpoolWriter):
             )
             if not data:
                 raise OSError(f"{self.path} is shorter than written")
-            # hashlib releases the GIL on large buffers: the two run side by side.
-            await asyncio.gather(self._store.run(self._sha256.update, data), self._store.run(self._md5.update, data))
+            # hashlib releases the GIL on large buffers: the three run side by side.
+            await asyncio.gather(*(self._store.run(h.update, data) for h in (self._sha256, self._sha512, self._md5)))
             self._hashed += len(data)
 
     async def _quiesce(self) -> None:
@@ -169,10 +170,10 @@ class LocalWriter(SpoolWriter):
         if self._hashing is not None:
             await asyncio.shield(asyncio.gather(self._hashing, return_exceptions=True))
 
-    async def digests(self) -> tuple[str, str]:
+    async def digests(self) -> Digests:
         await self._quiesce()
         await self._hash_behind()
-        return self._sha256.hexdigest(), self._md5.hexdigest()
+        return Digests(self._sha256.hexdigest(), self._sha512.hexdigest(), self._md5.hexdigest())
 
     def _commit_sync(self, meta: ObjectMeta) -> ObjectMeta:
         assert self._fd is not None

@@ -31,7 +31,7 @@ from yarl import URL
 
 from ..config import ObsConfig
 from ..units import format_size
-from .base import ObjectMeta, Storage, StorageUnavailable, Writer
+from .base import Digests, ObjectMeta, Storage, StorageUnavailable, Writer
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +292,7 @@ class ObsWriter(Writer):
         self._file = os.fdopen(fd, "wb")
         self._written = 0
         self._sha256 = hashlib.sha256()
+        self._sha512 = hashlib.sha512()
         self._md5 = hashlib.md5(usedforsecurity=False)
 
     @property
@@ -302,6 +303,7 @@ class ObsWriter(Writer):
         for chunk in chunks:
             self._file.write(chunk)
             self._sha256.update(chunk)
+            self._sha512.update(chunk)
             self._md5.update(chunk)
             self._written += len(chunk)
 
@@ -309,8 +311,8 @@ class ObsWriter(Writer):
         chunks = [data] if isinstance(data, bytes) else data
         await asyncio.get_running_loop().run_in_executor(None, self._write_sync, chunks)
 
-    async def digests(self) -> tuple[str, str]:
-        return self._sha256.hexdigest(), self._md5.hexdigest()
+    async def digests(self) -> Digests:
+        return Digests(self._sha256.hexdigest(), self._sha512.hexdigest(), self._md5.hexdigest())
 
     async def commit(self, meta: ObjectMeta) -> ObjectMeta:
         try:

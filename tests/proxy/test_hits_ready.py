@@ -150,9 +150,9 @@ async def test_plain_ready_hits_are_answered_by_the_door_in_order(
     general: list[str] = []
     send = proxy.app.pipeline.responder.send
 
-    async def counted(request, outcome):  # type: ignore[no-untyped-def]
+    async def counted(request, outcome, expected=None):  # type: ignore[no-untyped-def]
         general.append(request.raw_path)
-        return await send(request, outcome)
+        return await send(request, outcome, expected)
 
     monkeypatch.setattr(proxy.app.pipeline.responder, "send", counted)
     conn = await Connection.open(proxy.port)
