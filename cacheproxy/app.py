@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .admin.api import PREFIX, AdminApi
 from .admin.jobs import Jobs
+from .admin.mirror import DIGEST_PREFIX, DigestMirror
 from .admin.page import status_page
 from .admin.stats import Stats
 from .cache.manager import Cache
@@ -30,7 +31,8 @@ from .ops.logging import flush_access_log
 from .ops.metrics import Metrics
 from .ops.observe import Observer
 from .proxy.door import Door, DoorServer
-from .proxy.pipeline import Pipeline
+from .proxy.pipeline import Pipeline, Service
+from .proxy.respond import Responder
 from .state import AppState
 from .storage.local import LocalStore
 from .storage.obs import ObsStore
@@ -75,7 +77,14 @@ class App:
         services = endpoints(self.state.metrics, self.state.cache.readiness)
         services["/_cacheproxy/"] = services["/_cacheproxy"] = status_page(self.stats)
         api = AdminApi(self.state, self.stats, self.jobs)
-        self.pipeline = Pipeline(self.state, services, self.observe, (PREFIX, api))
+        responder = Responder(self.state.store, self.state.metrics)
+        mirror_prefix = config.checksums.mirror_prefix + "/"
+        routes: list[tuple[str, Service]] = [
+            (PREFIX, api),
+            (mirror_prefix, DigestMirror(self.state, responder, mirror_prefix[:-1])),
+            (f"{DIGEST_PREFIX}/sha", DigestMirror(self.state, responder, DIGEST_PREFIX)),
+        ]
+        self.pipeline = Pipeline(self.state, services, self.observe, routes)
         self._runner: web.ServerRunner | None = None
         self._background: list[asyncio.Task[None]] = []
         self._closed = False

@@ -155,6 +155,13 @@ def _port(value: object) -> int:
     return value
 
 
+def _path_prefix(value: object) -> str:
+    text = str(value).rstrip("/")
+    if not text.startswith("/") or re.match(r"^/[A-Za-z][A-Za-z0-9+.-]*:", text) or text in ("/metrics",):
+        raise ValueError(f"expected a path such as /_cacheproxy/mirror (not an origin URL), got {value!r}")
+    return text
+
+
 def _positive_int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"expected a whole number >= 1, got {value!r}")
@@ -315,6 +322,13 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class ChecksumsConfig:
+    # <prefix>/sha256/<hex> (Nix and Spack hashed mirrors) and
+    # <prefix>/<name>/<file>/<sha512|sha256>/<hash>/<file> (Fedora's lookaside cache)
+    mirror_prefix: Annotated[str, _path_prefix] = "/_cacheproxy/mirror"
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: str = "-"
@@ -335,6 +349,7 @@ class Config:
     tls_intercept: TlsInterceptConfig = TlsInterceptConfig()
     alerts: AlertsConfig = AlertsConfig()
     admin: AdminConfig = AdminConfig()
+    checksums: ChecksumsConfig = ChecksumsConfig()
     log: LogConfig = LogConfig()
     source: str = "<defaults>"  # where it was loaded from; not a YAML key
 

@@ -241,21 +241,31 @@ class Cache:
         meta = self.index.get(key)
         if meta is not None and meta.status == 200:
             meta = await self._verify(meta, expected, url)
-            return self._ready_hit(meta)
+            return self.hit_for(meta)
         if meta is not None or key in self.fills:
             return None
         for algorithm, hexdigest in expected.strong():
-            for other in self.index.by_digest(algorithm, hexdigest):
-                if other.status == 200 and expected.matches(other.digests):
-                    hit = self._ready_hit(other)
-                    if hit is not None:
-                        hit.source = other.url
-                        self.metrics.digest_hits.inc()
-                        log.info("%s answered with the body of %s (%s %s)", url, other.url, algorithm, hexdigest)
-                        return hit
+            other = await self.by_digest(algorithm, hexdigest)
+            if other is not None and expected.matches(other.digests):
+                hit = self.hit_for(other)
+                if hit is not None:
+                    hit.source = other.url
+                    self.metrics.digest_hits.inc()
+                    log.info("%s answered with the body of %s (%s %s)", url, other.url, algorithm, hexdigest)
+                    return hit
         return None
 
-    def _ready_hit(self, meta: ObjectMeta) -> Hit | None:
+    async def by_digest(self, algorithm: str, hexdigest: str) -> ObjectMeta | None:
+        """A stored 200 whose sha256/sha512 is ``hexdigest``: here, or uploaded by any instance."""
+        for meta in self.index.by_digest(algorithm, hexdigest):
+            if meta.status == 200:
+                return meta
+        if self.shared is not None:
+            return await self.shared.by_digest(algorithm, hexdigest)
+        return None
+
+    def hit_for(self, meta: ObjectMeta) -> Hit | None:
+        """A hit of ``meta`` with its body ready (None: the body is gone just now)."""
         try:
             ready = self.hot.get(meta)
         except FileNotFoundError:  # removed by another worker just now

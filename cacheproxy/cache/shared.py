@@ -123,6 +123,18 @@ class SharedTier:
             self.remember(meta)
         return meta
 
+    async def by_digest(self, algorithm: str, hexdigest: str) -> ObjectMeta | None:
+        """The shared object whose ``algorithm`` digest is ``hexdigest`` (any instance's upload)."""
+        if self.failing:
+            return None
+        try:
+            key = await self.remote.key_by_digest(algorithm, hexdigest)
+        except ObsUnavailable as exc:
+            self._failed(str(exc))
+            return None
+        meta = await self.lookup(key) if key is not None else None
+        return meta if meta is not None and meta.digests.get(algorithm) == hexdigest else None
+
     def remember(self, meta: ObjectMeta) -> None:
         self._known[meta.key] = (meta, time.time())
         self._known.move_to_end(meta.key)
@@ -142,9 +154,11 @@ class SharedTier:
         self.pending.pop(key, None)
         self._known.pop(key, None)
         object_key = self.remote.object_key(key)
-        there = await self.remote.stat(key) is not None
-        if there:
+        stored = await self.remote.stat(key)
+        there = stored is not None
+        if stored is not None:
             await self.remote.delete_key(object_key)
+            await self.remote.delete_digest_markers(stored)
         self.entries.pop(object_key, None)
         return there
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
 from aiohttp.http import HttpVersion10, RawRequestMessage
@@ -63,14 +63,14 @@ class Pipeline:
         state: AppState,
         services: Mapping[str, Service],
         observe: Observer,
-        api: tuple[str, Service] | None = None,
+        routes: Sequence[tuple[str, Service]] = (),
     ) -> None:
         self.state = state
         self.services = services  # path -> read-only endpoint (GET, HEAD)
-        self.api = api  # (path prefix, handler of every method under it)
+        self.routes = routes  # (path prefix, handler of every method under it), the first match wins
         self.observe = observe
         self.limits = ClientLimits(state.config.limits)
-        self.targets = TargetCache()
+        self.targets = TargetCache(tuple(prefix for prefix, _ in routes))
         self._cache_bytes = state.metrics.response_bytes.labels("cache")
         self.responder = Responder(state.store, state.metrics)
 
@@ -119,9 +119,10 @@ class Pipeline:
             record.result = "tunnel"
             return await connect.serve(request, door, state, self.limits, record, self.observe)
         found = self.targets.classify(request.raw_path, door.origin)
-        if found.url is None:  # the proxy's own endpoints
-            record.result = None
-            return await self._service(request)
+        if found.url is None:  # the proxy's own endpoints (an object by digest is a hit)
+            response = await self._service(request)
+            record.result = response.headers["X-Cache"].lower() if "X-Cache" in response.headers else None
+            return response
         self.limits.take(client)
         with self.limits.in_flight(client):
             response = await proxy_request(request, state, self.responder, found.url)
@@ -172,8 +173,10 @@ class Pipeline:
 
     async def _service(self, request: web.BaseRequest) -> web.StreamResponse:
         handler = self.services.get(request.path)
-        if handler is None and self.api is not None and request.path.startswith(self.api[0]):
-            return await self.api[1](request)  # it checks methods and tokens itself
+        if handler is None:
+            for prefix, route in self.routes:
+                if request.path.startswith(prefix):
+                    return await route(request)  # it checks methods (and tokens) itself
         if handler is None:
             raise NotFound(f"no such endpoint: {request.path[:200]}")
         if request.method not in READ_METHODS:

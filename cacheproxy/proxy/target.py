@@ -69,7 +69,7 @@ def _check_numeric_host(host: str) -> None:
         raise BadUrl(f"the host {host[:60]!r} is an IPv4 address in a non-standard form; write it as {canonical}")
 
 
-def classify(raw_target: str, origin: str | None = None) -> Target:
+def classify(raw_target: str, origin: str | None = None, service_prefixes: tuple[str, ...] = ()) -> Target:
     """What a request target asks for; raise BadRequest/BadUrl for nonsense.
 
     ``origin``: the request came inside an intercepted CONNECT to this ``https://host[:port]``,
@@ -79,7 +79,7 @@ def classify(raw_target: str, origin: str | None = None) -> Target:
         return Target("absolute", parse_origin_url(origin + raw_target))
     if not raw_target.startswith("/"):
         return Target("absolute", parse_origin_url(raw_target))
-    if raw_target.startswith(SERVICE_PREFIX) or raw_target in ("/_cacheproxy", "/metrics"):
+    if raw_target.startswith((SERVICE_PREFIX, *service_prefixes)) or raw_target in ("/_cacheproxy", "/metrics"):
         return Target("service")
     match = _IN_PATH.match(raw_target)
     if match:
@@ -94,7 +94,8 @@ class TargetCache:
     """:func:`classify` remembered for the request targets seen last: a build farm asks for the
     same URLs again and again, and a hit should not parse its URL every time."""
 
-    def __init__(self, size: int = 10_000) -> None:
+    def __init__(self, service_prefixes: tuple[str, ...] = (), size: int = 10_000) -> None:
+        self._service_prefixes = service_prefixes  # more paths that are the proxy's own
         self._size = size
         self._known: dict[tuple[str, str | None], Target] = {}
 
@@ -102,7 +103,7 @@ class TargetCache:
         key = (raw_target, origin)
         found = self._known.get(key)
         if found is None:
-            found = classify(raw_target, origin)
+            found = classify(raw_target, origin, self._service_prefixes)
             if len(self._known) >= self._size:
                 self._known.clear()
             self._known[key] = found

@@ -44,6 +44,8 @@ PART_SIZE = 16 << 20  # ... of this size,
 PART_TASKS = 4  # this many at once
 LIST_PAGE = 1000
 META = "cacheproxy-meta"  # one metadata entry: the ObjectMeta as JSON
+KEY_META = "cacheproxy-key"  # a digest marker's metadata: the cache key whose body has that digest
+DIGESTS_DIR = "_digests/"  # <prefix>_digests/<sha256|sha512>/<hex>: empty markers, listed apart
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
@@ -162,7 +164,8 @@ class ObsStore(Storage):
             )
             contents = resp.body.contents or []
             for item in contents:
-                yield RemoteEntry(item.key, int(item.size), _parse_time(str(item.lastModified)))
+                if not str(item.key).startswith(self.prefix + DIGESTS_DIR):
+                    yield RemoteEntry(item.key, int(item.size), _parse_time(str(item.lastModified)))
             if not resp.body.is_truncated or not contents:
                 return
             marker = resp.body.next_marker or contents[-1].key
@@ -245,8 +248,36 @@ class ObsStore(Storage):
                 metadata=metadata,
                 headers=self._put_header(meta),
             )
+        for algorithm, hexdigest in (("sha256", meta.sha256), ("sha512", meta.sha512)):
+            if hexdigest:  # other instances find the object by its digest through these
+                await self._call(
+                    "put digest marker",
+                    self._client.putContent,
+                    self.bucket,
+                    self.digest_key(algorithm, hexdigest),
+                    content="",
+                    metadata={KEY_META: meta.key},
+                )
         log.info("uploaded %s to OBS as %s (%s)", meta.url, stored.remote, format_size(meta.size))
         return stored
+
+    def digest_key(self, algorithm: str, hexdigest: str) -> str:
+        return f"{self.prefix}{DIGESTS_DIR}{algorithm}/{hexdigest}"
+
+    async def key_by_digest(self, algorithm: str, hexdigest: str) -> str | None:
+        """The cache key of an object some instance uploaded with this digest (one HEAD)."""
+        resp = await self._call(
+            "head digest marker", self._client.getObjectMetadata, self.bucket,
+            self.digest_key(algorithm, hexdigest), ok_missing=True,
+        )  # fmt: skip
+        if resp is None:
+            return None
+        return {k.lower(): v for k, v in resp.header}.get(KEY_META)
+
+    async def delete_digest_markers(self, meta: ObjectMeta) -> None:
+        for algorithm, hexdigest in (("sha256", meta.sha256), ("sha512", meta.sha512)):
+            if hexdigest and await self.key_by_digest(algorithm, hexdigest) == meta.key:
+                await self.delete_key(self.digest_key(algorithm, hexdigest))
 
     def _put_header(self, meta: ObjectMeta) -> PutObjectHeader:
         header = PutObjectHeader()

@@ -8,6 +8,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import aiohttp
 import pytest
 from yarl import URL
 
@@ -15,8 +16,10 @@ from cacheproxy.cache.checksums import expected_from
 from cacheproxy.errors import BadRequest
 from cacheproxy.proxy.respond import HOLD_BACK
 
-from ..conftest import Proxy, curl, wget
+from ..conftest import MakeProxy, Proxy, curl, run, wget
 from ..origin import Origin
+from ..seaweed import Seaweed
+from .test_obs import uploaded
 
 
 def sri(algorithm: str, body: bytes) -> str:
@@ -173,3 +176,72 @@ async def test_a_passthrough_is_verified_too(proxy: Proxy, origin: Origin, tmp_p
     )
     assert bad.rc != 0  # and never the whole file
     assert not (tmp_path / "b").exists() or (tmp_path / "b").stat().st_size < len(route.body)
+
+
+async def test_objects_by_digest_and_the_mirror_layouts(make_proxy: MakeProxy, origin: Origin, tmp_path: Path) -> None:
+    proxy = await make_proxy(checksums__mirror_prefix="/repo/pkgs")  # where fedpkg's lookaside points
+    route = origin.add("/pub/git-2.39.1.tar.xz", body=os.urandom(100_000))
+    await proxy.get(origin.url("/pub/git-2.39.1.tar.xz"))
+    await proxy.wait_idle()
+    sha256, sha512 = route.sha256, hashlib.sha512(route.body).hexdigest()
+    base = proxy.url
+    paths = [
+        f"/_cacheproxy/sha256/{sha256}",
+        f"/_cacheproxy/sha512/{sha512.upper()}",
+        f"/repo/pkgs/sha256/{sha256}",  # Nix hashed mirror
+        f"/repo/pkgs/_source-cache/archive/{sha256[:2]}/{sha256}.tar.xz",  # Spack source mirror
+        f"/repo/pkgs/git/git-2.39.1.tar.xz/sha512/{sha512}/git-2.39.1.tar.xz",  # Fedora lookaside
+    ]
+    for path in paths:
+        out = tmp_path / "got"
+        result = await run("curl", "-sS", "-f", "--noproxy", "*", "-D", "-", "-o", str(out), base + path)
+        assert result.rc == 0, (path, result.stderr)
+        assert out.read_bytes() == route.body, path
+        assert b"X-Cache: HIT" in result.stdout
+        assert f"X-Cacheproxy-Source: {origin.url('/pub/git-2.39.1.tar.xz')}".encode() in result.stdout
+    fetched = await run("wget", "-q", "-O", str(tmp_path / "w"), "--no-proxy", base + paths[4])
+    assert fetched.rc == 0 and (tmp_path / "w").read_bytes() == route.body
+    # Like any hit: a range, HEAD, 304 on the stored validators.
+    part = await run("curl", "-sS", "--noproxy", "*", "-r", "10-19", base + paths[0])
+    assert part.stdout == route.body[10:20]
+    head = await run("curl", "-sS", "--noproxy", "*", "-I", base + paths[0])
+    assert head.stdout.startswith(b"HTTP/1.1 200") and f"Content-Length: {len(route.body)}".encode() in head.stdout
+    same = await run("curl", "-sS", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}",
+                     "-H", 'If-None-Match: "v1"', base + paths[0])  # fmt: skip
+    assert same.stdout == b"304"
+    for missing, status in (
+        (f"/_cacheproxy/sha256/{'0' * 64}", b"404"),
+        ("/_cacheproxy/sha256/abc", b"400"),
+        (f"/repo/pkgs/git/other.tar.xz/sha512/{sha512}/git-2.39.1.tar.xz", b"404"),  # the file names differ
+        (f"/repo/pkgs/git/git-2.39.1.tar.xz/md5/{hashlib.md5(route.body).hexdigest()}/git-2.39.1.tar.xz", b"404"),
+    ):
+        answer = await run("curl", "-sS", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}", base + missing)
+        assert answer.stdout == status, missing
+    assert origin.hits("/pub/git-2.39.1.tar.xz") == 1
+
+
+async def test_digests_are_shared_through_obs(
+    seaweed: Seaweed, bucket: str, origin: Origin, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    """An object another instance uploaded is found by its digest: by lookup, and for another URL."""
+    first = await make_proxy(tmp_path / "a", **seaweed.obs_config(bucket, storage__obs__serve_hits="stream"))
+    second = await make_proxy(tmp_path / "b", **seaweed.obs_config(bucket, storage__obs__serve_hits="stream"))
+    route = origin.add("/a/zlib-1.3.tar.gz", body=os.urandom(150_000))
+    origin.add("/b/zlib-1.3.tar.gz", body=route.body)
+    await first.get(origin.url("/a/zlib-1.3.tar.gz"))
+    await uploaded(first)
+    status, body = await get_url(f"{second.url}/_cacheproxy/sha256/{route.sha256}")
+    assert status == 200 and body == route.body
+    response, body = await second.get(origin.url("/b/zlib-1.3.tar.gz"), headers={"X-Checksum-Sha256": route.sha256})
+    assert response.status == 200 and body == route.body and response.headers["X-Cache"] == "HIT"
+    assert response.headers["X-Cacheproxy-Source"] == origin.url("/a/zlib-1.3.tar.gz")
+    assert origin.hits("/b/zlib-1.3.tar.gz") == 0 and origin.hits("/a/zlib-1.3.tar.gz") == 1
+    # A purge takes the digest markers with it.
+    assert await first.state.cache.purge_url(URL(origin.url("/a/zlib-1.3.tar.gz")))
+    status, _ = await get_url(f"{first.url}/_cacheproxy/sha512/{hashlib.sha512(route.body).hexdigest()}")
+    assert status == 404
+
+
+async def get_url(url: str) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.read()
