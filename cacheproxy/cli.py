@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 from typing import Any
 
@@ -80,30 +81,35 @@ def _ca_init(args: argparse.Namespace) -> int:
 
 def _prefetch(args: argparse.Namespace) -> int:
     import asyncio
+    from pathlib import Path
 
     from .tools import prefetch as tool
+    from .tools import sources
 
-    urls = list(args.urls)
-    for name in args.file or []:
-        try:
-            if name == "-":
-                urls += tool.read_url_list(sys.stdin)
+    try:
+        wanted = [sources.entry(text) for text in args.urls]
+        for name in args.file or []:
+            with sys.stdin if name == "-" else open(name, encoding="utf-8") as f:
+                lines = sources.meaningful(f)
+            if sources.is_sources_file(lines):
+                spec = Path(args.spec) if args.spec else None
+                files = sources.read_sources(lines)
+                wanted += sources.wanted_from_sources(files, spec=spec, lookaside=args.lookaside, package=args.package)
             else:
-                with open(name, encoding="utf-8") as f:
-                    urls += tool.read_url_list(f)
-        except OSError as exc:
-            print(f"cacheproxy prefetch: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-    if not urls:
+                wanted += [sources.entry(line) for line in lines]
+    except (OSError, sources.SourcesError) as exc:
+        print(f"cacheproxy prefetch: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not wanted:
         print("cacheproxy prefetch: no URLs (give them as arguments or with -f FILE)", file=sys.stderr)
         return EXIT_CONFIG
     progress: tool.Progress
     if sys.stderr.isatty() and not args.plain:
-        progress = tool.Bars(len(urls), args.jobs, sys.stdout)
+        progress = tool.Bars(len(wanted), args.jobs, sys.stdout)
     else:
         progress = tool.Lines(sys.stdout)
     try:
-        results = asyncio.run(tool.prefetch(urls, args.proxy, progress, jobs=args.jobs, read_timeout=args.timeout))
+        results = asyncio.run(tool.prefetch(wanted, args.proxy, progress, jobs=args.jobs, read_timeout=args.timeout))
     finally:
         progress.close()
     print(tool.summary(results))
@@ -113,7 +119,7 @@ def _prefetch(args: argparse.Namespace) -> int:
 def _rewrite_spec(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .tools import specfile
+    from .tools import sources, specfile
 
     try:
         prefix = specfile.proxy_prefix(args.proxy)
@@ -121,21 +127,47 @@ def _rewrite_spec(args: argparse.Namespace) -> int:
         print(f"cacheproxy rewrite-spec: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     status = 0
+    urls: dict[str, str] = {}  # file name -> origin URL, for --sources-out
     for name in args.specs:
         path = Path(name)
         try:
+            if args.sources_out:
+                for file, url in sources.spec_urls(path).items():
+                    urls[file] = specfile.origin_of(url, prefix)
             result = specfile.rewrite(path.read_bytes(), prefix)
             if not args.in_place:
                 sys.stdout.buffer.write(result.text)
                 sys.stdout.flush()
             elif result.changed:
                 specfile.write_atomically(path, result.text)
-        except OSError as exc:
+        except (OSError, sources.SourcesError) as exc:
             print(f"cacheproxy rewrite-spec: {exc}", file=sys.stderr)
             status = 1
             continue
         print(f"{name}: {result.changed} URL(s) pointed at {args.proxy}", file=sys.stderr)
+    if args.sources_out:
+        return max(status, _write_sources(args.proxy, urls, Path(args.sources_out)))
     return status
+
+
+def _write_sources(proxy: str, urls: dict[str, str], out: pathlib.Path) -> int:
+    """The sha512 of every cached source, as a Fedora ``sources`` file."""
+    import asyncio
+
+    import aiohttp
+
+    from .tools import sources
+
+    try:
+        lines, missing = asyncio.run(sources.cached_digests(proxy, urls))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(f"cacheproxy rewrite-spec: cannot ask {proxy}: {exc}", file=sys.stderr)
+        return 1
+    out.write_text("".join(line + "\n" for line in lines))
+    print(f"{out}: {len(lines)} checksum(s)", file=sys.stderr)
+    for url in missing:
+        print(f"not cached yet (cacheproxy prefetch it first): {url}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     proxy_default = os.environ.get("CACHEPROXY_PROXY", DEFAULT_PROXY)
     pre = commands.add_parser("prefetch", help="make sure URLs are cached, through a running proxy")
-    pre.add_argument("urls", nargs="*", metavar="URL", help="origin URLs (http, https, ftp)")
-    pre.add_argument("-f", "--file", action="append", help="a file of URLs, one per line ('-' for stdin)")
+    pre.add_argument(
+        "urls", nargs="*", metavar="URL", help="origin URLs (http, https, ftp), or 'sha256:<hex> URL' to pin the body"
+    )
+    pre.add_argument(
+        "-f", "--file", action="append", help="a file of URLs, one per line, or a sources file ('-' for stdin)"
+    )
+    pre.add_argument("--spec", help="a sources file's URLs: the Source/Patch tags of this spec")
+    pre.add_argument("--lookaside", metavar="URL", help="a sources file's URLs: this lookaside cache ...")
+    pre.add_argument("--package", help="... and this package name in it")
     pre.add_argument("--proxy", default=proxy_default, help=f"the proxy ($CACHEPROXY_PROXY, else {DEFAULT_PROXY})")
     pre.add_argument("-j", "--jobs", type=int, default=4, help="downloads at once (4)")
     pre.add_argument("--timeout", type=float, default=300.0, help="seconds without a byte before giving up (300)")
@@ -187,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     rewrite.add_argument("specs", nargs="+", metavar="SPEC")
     rewrite.add_argument("--proxy", required=True, help="the proxy's base URL, e.g. http://proxy.example:3128")
     rewrite.add_argument("-i", "--in-place", action="store_true", help="rewrite the files (atomically)")
+    rewrite.add_argument(
+        "--sources-out", metavar="FILE", help="write the sha512 of each source the proxy has cached (a sources file)"
+    )
     rewrite.set_defaults(func=_rewrite_spec)
     return parser
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Protocol
 
 import aiohttp
 from yarl import URL
+
+from .sources import Wanted
 
 CACHED, ALREADY_CACHED, FAILED = "cached", "already cached", "failed"
 FROM_STORE = ("HIT", "STALE", "REVALIDATED")
@@ -34,6 +36,7 @@ class Result:
     size: int = 0  # bytes read from the proxy
     seconds: float = 0.0
     error: str | None = None
+    verified: str | None = None  # the algorithm the proxy checked the body against
 
 
 class Progress(Protocol):
@@ -44,46 +47,41 @@ class Progress(Protocol):
     def close(self) -> None: ...
 
 
-def read_url_list(lines: Iterable[str]) -> list[str]:
-    """URLs from a file: one per line; blank lines and lines starting with ``#`` skipped (a ``#``
-    inside a URL is its fragment, kept)."""
-    return [text for line in lines if (text := line.strip()) and not text.startswith("#")]
-
-
 def via_proxy(proxy: str, url: str) -> URL:
     """``url`` in the URL-in-path form of ``proxy``, bytes as the user wrote them."""
     return URL(f"{proxy.rstrip('/')}/{url}", encoded=True)
 
 
 async def prefetch(
-    urls: Sequence[str], proxy: str, progress: Progress, *, jobs: int = 4, read_timeout: float = 300.0
+    wanted: Sequence[Wanted], proxy: str, progress: Progress, *, jobs: int = 4, read_timeout: float = 300.0
 ) -> list[Result]:
-    """Fetch ``urls`` through ``proxy``, ``jobs`` at a time; one :class:`Result` per URL, in order."""
+    """Fetch ``wanted`` through ``proxy``, ``jobs`` at a time; one :class:`Result` each, in order.
+    A pinned entry sends its checksum: the proxy verifies the body (and refuses a wrong one)."""
     limit = asyncio.Semaphore(max(1, jobs))
     client_timeout = aiohttp.ClientTimeout(total=None, connect=30, sock_read=read_timeout)
     connector = aiohttp.TCPConnector(limit=max(1, jobs) * 2)
     async with aiohttp.ClientSession(timeout=client_timeout, connector=connector, auto_decompress=False) as session:
 
-        async def one(url: str) -> Result:
+        async def one(item: Wanted) -> Result:
             async with limit:
-                slot = progress.begin(url)
-                result = await _fetch(session, proxy, url, progress, slot)
+                slot = progress.begin(item.url)
+                result = await _fetch(session, proxy, item, progress, slot)
                 progress.end(slot, result)
                 return result
 
-        return list(await asyncio.gather(*(one(url) for url in urls)))
+        return list(await asyncio.gather(*(one(item) for item in wanted)))
 
 
-async def _fetch(session: aiohttp.ClientSession, proxy: str, url: str, progress: Progress, slot: int) -> Result:
+async def _fetch(session: aiohttp.ClientSession, proxy: str, item: Wanted, progress: Progress, slot: int) -> Result:
     started = time.monotonic()
-    size = 0
+    url, size = item.url, 0
     try:
         target = via_proxy(proxy, url)
-        async with session.get(target, allow_redirects=False) as response:
+        async with session.get(target, headers=item.header, allow_redirects=False) as response:
             x_cache = response.headers.get("X-Cache", "").upper()
-            if x_cache in FROM_STORE:
-                response.close()  # the body is in the store already: not worth reading
-                return Result(url, ALREADY_CACHED, 0, time.monotonic() - started)
+            if x_cache in FROM_STORE and response.status == 200:
+                response.close()  # the body is in the store already (and matched the pin): not worth reading
+                return Result(url, ALREADY_CACHED, 0, time.monotonic() - started, verified=item.algorithm)
             if response.status != 200:
                 return Result(url, FAILED, 0, time.monotonic() - started, await _why(response))
             progress.sized(slot, response.content_length)
@@ -93,7 +91,12 @@ async def _fetch(session: aiohttp.ClientSession, proxy: str, url: str, progress:
         if not await _stored(session, target):
             error = "fetched, but the proxy did not store it (its log says why: no-store, too large, HTML archive…)"
             return Result(url, FAILED, size, time.monotonic() - started, error)
-        return Result(url, CACHED, size, time.monotonic() - started)
+        return Result(url, CACHED, size, time.monotonic() - started, verified=item.algorithm)
+    except aiohttp.ClientPayloadError as exc:
+        error = _describe(exc, proxy)
+        if item.algorithm is not None:
+            error = f"the body is not the one its {item.algorithm} names, or the transfer broke ({error})"
+        return Result(url, FAILED, size, time.monotonic() - started, error)
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         return Result(url, FAILED, size, time.monotonic() - started, _describe(exc, proxy))
 
@@ -147,9 +150,10 @@ def human(size: float) -> str:
 def line_for(result: Result) -> str:
     if result.state == FAILED:
         return f"failed          {result.url}: {result.error}"
+    checked = f", {result.verified} verified" if result.verified else ""
     if result.state == ALREADY_CACHED:
-        return f"already cached  {result.url}"
-    return f"cached          {result.url} ({human(result.size)} in {result.seconds:.1f} s)"
+        return f"already cached  {result.url}" + (f" ({result.verified} verified)" if result.verified else "")
+    return f"cached          {result.url} ({human(result.size)} in {result.seconds:.1f} s{checked})"
 
 
 def summary(results: Sequence[Result]) -> str:

@@ -101,6 +101,13 @@ def _pointed(value: bytes, prefix: bytes, url_is_remote: bool) -> bytes | None:
     return prefix + value if remote(value) else None
 
 
+def origin_of(url: str, prefix: bytes) -> str:
+    """The origin URL of ``url``, which may be in the URL-in-path form of the proxy."""
+    base = prefix.decode()
+    rest = url[len(base) :] if url.startswith(base) else url
+    return rest if _REMOTE.match(rest.encode()) else url
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: a temporary file beside it (same mode), synced, renamed."""
     mode = path.stat().st_mode & 0o7777

@@ -3,6 +3,7 @@ fetching the rewritten sources through the proxy."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import sys
@@ -173,3 +174,19 @@ async def test_rpmbuild_fetches_the_rewritten_sources_through_the_proxy(
     await proxy.wait_idle()
     await build(tmp_path / "second")  # a clean tree: rpmbuild fetches again, the proxy answers
     assert origin.hits("/releases/hello-2.12.tar.gz") == 1 and origin.hits("/project/extra-2.12.txt") == 1
+
+    # The checksums of what was rewritten, now cached: a sources file that matches what rpmbuild got,
+    # and that prefetch takes back with the spec to verify.
+    sources = tmp_path / "sources"
+    emitted = await rewrite_spec("--proxy", proxy.url, "--sources-out", str(sources), str(spec))
+    assert emitted.rc == 0, emitted.stderr
+    got = tmp_path / "second" / "SOURCES"
+    assert sources.read_text() == "".join(
+        f"SHA512 ({name}) = {hashlib.sha512((got / name).read_bytes()).hexdigest()}\n"
+        for name in ("hello-2.12.tar.gz", "extra-2.12.txt")
+    )
+    check = await run(
+        sys.executable, "-m", "cacheproxy", "prefetch", "--proxy", proxy.url, "-f", str(sources), "--spec", str(spec)
+    )
+    assert check.rc == 0 and check.stdout.decode().splitlines()[-1] == "0 cached, 2 already cached, 0 failed"
+    assert "(sha512 verified)" in check.stdout.decode()
