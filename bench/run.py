@@ -379,7 +379,8 @@ def make_store(store: Path, count: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{digest}.{i:016x}"
         (folder / name).write_bytes(body)
-        meta = ObjectMeta(key, key, len(body), "0" * 64, "0" * 32, now, now, file=name, last_access=now)
+        sha256, sha512 = hashlib.sha256(key.encode()).hexdigest(), hashlib.sha512(key.encode()).hexdigest()
+        meta = ObjectMeta(key, key, len(body), sha256, "0" * 32, now, now, sha512=sha512, file=name, last_access=now)
         (folder / f"{digest}.json").write_text(meta.to_json())
 
 

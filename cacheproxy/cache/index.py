@@ -1,23 +1,30 @@
 """The in-memory index of stored objects: a lookup never touches the disk.
 
 Besides the key, an object is found by its sha256 or sha512 (the mirror-independent hits and the
-lookups by digest). That map holds the first 64 bits of each digest as an int and the keys
+lookups by digest). That map holds the first 64 bits of each digest as an int and the key(s)
 having it; a lookup confirms the whole digest on the object, so a collision of the short form
-costs a comparison, never a wrong answer.
+costs a comparison, never a wrong answer. It is built after the index is loaded, a slice at a
+time (:meth:`Index.build_digests`), so neither the start nor the hits wait for it; a lookup
+before it is done builds it at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 from collections.abc import Iterator
 
 from ..storage.base import ObjectMeta
 
+DigestMap = dict[int, str | set[str]]
+BUILD_SLICE = 10_000  # objects linked between two turns of the event loop
+
 
 class Index:
     def __init__(self) -> None:
         self._objects: dict[str, ObjectMeta] = {}
-        self._by_digest: dict[int, str | tuple[str, ...]] = {}
+        self._by_digest: DigestMap | None = None  # None: not built yet
+        self._building: DigestMap | None = None  # being built: changes go into it too
         self.total_size = 0
         self.loaded = False
 
@@ -34,47 +41,68 @@ class Index:
         old = self._objects.get(meta.key)
         if old is not None:
             self.total_size -= old.size
-            self._unlink_digests(old)
+            self._unlink(old)
         self._objects[meta.key] = meta
         self.total_size += meta.size
-        for short in _short_digests(meta):
-            keys = self._by_digest.get(short)
-            if keys is None:
-                self._by_digest[short] = meta.key
-            elif isinstance(keys, str):
-                if keys != meta.key:
-                    self._by_digest[short] = (keys, meta.key)
-            elif meta.key not in keys:
-                self._by_digest[short] = (*keys, meta.key)
+        for digests in (self._by_digest, self._building):
+            if digests is not None:
+                _link(digests, meta)
 
     def remove(self, key: str) -> ObjectMeta | None:
         meta = self._objects.pop(key, None)
         if meta is not None:
             self.total_size -= meta.size
-            self._unlink_digests(meta)
+            self._unlink(meta)
         return meta
 
     def by_digest(self, algorithm: str, hexdigest: str) -> list[ObjectMeta]:
         """The objects whose ``algorithm`` (sha256 or sha512) digest is ``hexdigest``."""
+        if self._by_digest is None:
+            self._by_digest = {}
+            for meta in self._objects.values():
+                _link(self._by_digest, meta)
         keys = self._by_digest.get(int(hexdigest[:16], 16))
         if keys is None:
             return []
-        found = [self._objects.get(k) for k in ((keys,) if isinstance(keys, str) else keys)]
+        found = [self._objects.get(k) for k in ((keys,) if isinstance(keys, str) else sorted(keys))]
         return [m for m in found if m is not None and m.digests.get(algorithm) == hexdigest]
 
-    def _unlink_digests(self, meta: ObjectMeta) -> None:
-        for short in _short_digests(meta):
-            keys = self._by_digest.get(short)
-            if keys == meta.key:
-                del self._by_digest[short]
-            elif isinstance(keys, tuple):
-                rest = tuple(k for k in keys if k != meta.key)
-                self._by_digest[short] = rest[0] if len(rest) == 1 else rest
+    async def build_digests(self) -> None:
+        """Build the digest map a slice at a time (after the index is loaded)."""
+        if self._by_digest is not None or self._building is not None:
+            return
+        building: DigestMap = {}
+        self._building = building
+        try:
+            metas = list(self._objects.values())
+            for start in range(0, len(metas), BUILD_SLICE):
+                for meta in metas[start : start + BUILD_SLICE]:
+                    if self._objects.get(meta.key) is meta:  # not replaced or removed meanwhile
+                        _link(building, meta)
+                await asyncio.sleep(0)
+            if self._by_digest is None:  # a lookup did not build it meanwhile
+                self._by_digest = building
+        finally:
+            self._building = None
+
+    def _unlink(self, meta: ObjectMeta) -> None:
+        for digests in (self._by_digest, self._building):
+            if digests is None:
+                continue
+            for short in _short_digests(meta):
+                keys = digests.get(short)
+                if keys == meta.key:
+                    del digests[short]
+                elif isinstance(keys, set):
+                    keys.discard(meta.key)
+                    if len(keys) == 1:
+                        digests[short] = keys.pop()
 
     def replace(self, other: Index) -> None:
         """Take ``other``'s entries in place (whoever holds this index sees them)."""
         self._objects = other._objects
         self._by_digest = other._by_digest
+        self._building = None
         self.total_size = other.total_size
         self.loaded = other.loaded
 
@@ -87,3 +115,15 @@ class Index:
 
 def _short_digests(meta: ObjectMeta) -> list[int]:
     return [int(d[:16], 16) for d in (meta.sha256, meta.sha512) if len(d) >= 16]
+
+
+def _link(digests: DigestMap, meta: ObjectMeta) -> None:
+    for short in _short_digests(meta):
+        keys = digests.get(short)
+        if keys is None:
+            digests[short] = meta.key
+        elif isinstance(keys, str):
+            if keys != meta.key:
+                digests[short] = {keys, meta.key}
+        else:
+            keys.add(meta.key)  # many URLs, one body (empty files, say): a set, not a scan

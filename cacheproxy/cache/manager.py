@@ -99,6 +99,7 @@ class Cache:
         )
         self._keys: dict[URL, str] = {}  # cache keys of the URLs asked for last
         self._snapshot: asyncio.Task[None] | None = None
+        self._digests: asyncio.Task[None] | None = None
         metrics.bind_store(lambda: len(self.index), lambda: self.index.total_size)
 
     # -- the jobs behind it -------------------------------------------------------------------
@@ -139,6 +140,7 @@ class Cache:
         )
         if self.store.scan_reads > SNAPSHOT_AFTER:  # in the background: serving starts now
             self._snapshot = asyncio.create_task(self.save_snapshot())
+        self._digests = asyncio.create_task(self.index.build_digests(), name="digest index")
         if self.shared is not None:
             for meta in self.index:
                 if not meta.remote:  # committed before an upload could finish: upload it now
@@ -153,6 +155,8 @@ class Cache:
             task.cancel()
         if fills:
             await asyncio.gather(*fills, return_exceptions=True)
+        if self._digests is not None:
+            self._digests.cancel()
         self.fetcher.pump.close()
         self.hot.close()
         await self.housekeeper.flush_access_times()

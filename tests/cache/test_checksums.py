@@ -3,6 +3,7 @@ verified hits, misses whose last bytes wait for the digest, mirror-independent h
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -245,3 +246,41 @@ async def test_digests_are_shared_through_obs(
 async def get_url(url: str) -> tuple[int, bytes]:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         return response.status, await response.read()
+
+
+async def test_the_digest_map_is_built_in_slices_and_kept_up_to_date() -> None:
+    from cacheproxy.cache import index as index_module
+    from cacheproxy.cache.index import Index
+    from cacheproxy.storage.base import ObjectMeta
+
+    def meta(key: str, body: bytes) -> ObjectMeta:
+        return ObjectMeta(key, key, len(body), hashlib.sha256(body).hexdigest(), hashlib.md5(body).hexdigest(),
+                          0.0, 0.0, sha512=hashlib.sha512(body).hexdigest())  # fmt: skip
+
+    index = Index()
+    for i in range(25):
+        index.put(meta(f"http://o/{i}", b"%d" % i))
+    for i in range(3):  # one body under three URLs
+        index.put(meta(f"http://mirror{i}/empty", b""))
+    sha = hashlib.sha256(b"").hexdigest()
+    index_module.BUILD_SLICE = 10
+    try:
+        build = asyncio.create_task(index.build_digests())
+        await asyncio.sleep(0)  # the first slice is in; change things while it builds
+        index.remove("http://o/20")
+        index.put(meta("http://o/21", b"replaced"))
+        index.put(meta("http://o/new", b"new"))
+        await build
+    finally:
+        index_module.BUILD_SLICE = 10_000
+    assert [m.key for m in index.by_digest("sha256", sha)] == [f"http://mirror{i}/empty" for i in range(3)]
+    assert index.by_digest("sha256", hashlib.sha256(b"20").hexdigest()) == []
+    assert index.by_digest("sha256", hashlib.sha256(b"21").hexdigest()) == []
+    assert [m.key for m in index.by_digest("sha512", hashlib.sha512(b"replaced").hexdigest())] == ["http://o/21"]
+    assert [m.key for m in index.by_digest("sha256", hashlib.sha256(b"new").hexdigest())] == ["http://o/new"]
+    index.remove("http://mirror0/empty")
+    index.remove("http://mirror1/empty")
+    assert [m.key for m in index.by_digest("sha256", sha)] == ["http://mirror2/empty"]
+    lazy = Index()  # a lookup before the build builds it at once
+    lazy.put(meta("http://o/x", b"x"))
+    assert [m.key for m in lazy.by_digest("sha256", hashlib.sha256(b"x").hexdigest())] == ["http://o/x"]
