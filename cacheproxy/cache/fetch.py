@@ -113,7 +113,17 @@ class Fetcher:
                 fill.set_outcome(self.hit(current, "HIT"))  # another worker stored it just before we got the lock
                 fill.finish()
                 return
-            await self._fetch(fill, url, stale, forward, lock)
+            if self.shared is not None and stale is None:
+                other = await self.shared.lease(fill.key)  # another instance may be fetching it
+                if other is not None and vary_matches(other.vary, fill.request_headers):
+                    fill.set_outcome(self.hit(other, "HIT"))
+                    fill.finish()
+                    return
+            try:
+                await self._fetch(fill, url, stale, forward, lock)
+            finally:
+                if self.shared is not None:
+                    await self.shared.release_unless_uploading(fill.key)
         except ProxyError as exc:
             fill.set_error(exc)
         except asyncio.CancelledError:

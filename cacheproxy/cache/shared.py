@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
+import os
+import socket
 import time
 
 from yarl import URL
@@ -26,6 +29,10 @@ from ..storage.obs import ObsStore, ObsUnavailable, RemoteEntry
 log = logging.getLogger(__name__)
 
 KNOWN = 10_000  # remote objects whose metadata is kept after a HEAD
+LEASE_RENEW = 5.0  # seconds between rewrites of a held lease (each one changes its ETag)
+LEASE_STALE = 30.0  # a lease unchanged this long belongs to a fetch that died: taken over
+LEASE_POLL = 0.25  # seconds between looks for another instance's object
+LEASE_WAIT = 3600.0  # longest wait for another instance's fetch before fetching ourselves
 UPLOAD_TRIES = 3  # in a row after a commit; then the periodic retry takes over
 RETRY_SOON = 5.0  # seconds between looks at OBS while it fails (instead of index_refresh)
 
@@ -46,6 +53,11 @@ class SharedTier:
         self.pending: dict[str, ObjectMeta] = {}  # cache key -> committed local object not uploaded yet
         self._uploads: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        # Cross-instance single flight: None until the endpoint was probed, then whether it
+        # honours If-None-Match: * (without it each instance fetches a cold key once).
+        self.leases_work: bool | None = None
+        self._leases: dict[str, asyncio.Task[None]] = {}  # key -> the task renewing our lease
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._wake = asyncio.Event()
         metrics.obs_pending_uploads.set_function(lambda: len(self.pending))
         endpoint = URL(config.endpoint or "")
@@ -57,6 +69,8 @@ class SharedTier:
         self._loop_task = asyncio.create_task(self._refresh_loop(), name="obs refresh")
 
     async def close(self) -> None:
+        for key in list(self._leases):
+            await self.release(key)
         tasks = [t for t in (self._loop_task, *self._uploads.values()) if t is not None]
         for task in tasks:
             task.cancel()
@@ -94,6 +108,73 @@ class SharedTier:
         if self.problem is not None and self.problem != "not checked yet":
             log.info("OBS bucket %s reachable again: %d objects", self.remote.bucket, len(entries))
         self.problem = None
+        if self.leases_work is None:
+            self.leases_work = await self.remote.conditional_puts_work()
+            if not self.leases_work:
+                log.warning(
+                    "OBS at %s does not refuse a second If-None-Match: * PUT: instances cannot agree who "
+                    "fetches a cold URL, so each may fetch it once",
+                    self.config.endpoint,
+                )
+
+    # -- one instance fetches a cold key --------------------------------------------------------
+
+    async def lease(self, key: str) -> ObjectMeta | None:
+        """Before fetching a key that no store has: take its lease, so the other instances wait
+        for this one's upload instead of fetching too. None: fetch it (the lease is ours, or
+        leases cannot be had). An ObjectMeta: another instance stored it meanwhile."""
+        if not self.leases_work or self.failing:
+            return None
+        deadline = time.monotonic() + LEASE_WAIT
+        stamp, since = None, time.monotonic()
+        try:
+            while time.monotonic() < deadline:
+                if await self.remote.take_lease(key, self.owner):
+                    self._leases[key] = asyncio.create_task(self._renew(key), name=f"lease {key}")
+                    # The holder before us may have uploaded and let go just now: look once more.
+                    meta = await self.remote.stat(key)
+                    if meta is None:
+                        return None
+                    await self.release(key)
+                else:
+                    meta = await self.remote.stat(key)
+                if meta is not None:
+                    self.remember(meta)
+                    return meta
+                now_stamp = await self.remote.lease_stamp(key)
+                if now_stamp != stamp:
+                    stamp, since = now_stamp, time.monotonic()
+                elif now_stamp is not None and time.monotonic() - since > LEASE_STALE:
+                    log.warning("the fetch of %s by another instance stopped renewing its lease: taking over", key)
+                    await self.remote.drop_lease(key)
+                await asyncio.sleep(LEASE_POLL)
+        except ObsUnavailable as exc:
+            self._failed(str(exc))
+        return None
+
+    async def _renew(self, key: str) -> None:
+        for turn in itertools.count(1):
+            await asyncio.sleep(LEASE_RENEW)
+            try:
+                await self.remote.renew_lease(key, f"{self.owner} {turn}")
+            except ObsUnavailable as exc:
+                log.warning("cannot renew the lease of %s: %s", key, exc)
+
+    async def release(self, key: str) -> None:
+        """Our fetch of ``key`` is over (uploaded, or it will not be): the others may go on."""
+        task = self._leases.pop(key, None)
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await self.remote.drop_lease(key)
+        except ObsUnavailable as exc:
+            log.warning("cannot drop the lease of %s (it goes stale in %.0fs): %s", key, LEASE_STALE, exc)
+
+    async def release_unless_uploading(self, key: str) -> None:
+        """After a fill: a key that was not handed to an upload gives its lease back now."""
+        if key in self._leases and key not in self.pending:
+            await self.release(key)
 
     def _failed(self, problem: str) -> None:
         self.failing = True
@@ -206,6 +287,7 @@ class SharedTier:
             log.info("upload of %s postponed: OBS %s", meta.url, self.problem)
         finally:
             self._uploads.pop(meta.key, None)
+            await self.release(meta.key)  # uploaded, or the others must not wait for it
 
     # -- the bucket's budget ------------------------------------------------------------------
 

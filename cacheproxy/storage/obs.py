@@ -46,6 +46,7 @@ LIST_PAGE = 1000
 META = "cacheproxy-meta"  # one metadata entry: the ObjectMeta as JSON
 KEY_META = "cacheproxy-key"  # a digest marker's metadata: the cache key whose body has that digest
 DIGESTS_DIR = "_digests/"  # <prefix>_digests/<sha256|sha512>/<hex>: empty markers, listed apart
+LEASES_DIR = "_leases/"  # <prefix>_leases/<sha256 of the key>: the instance fetching that key now
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
@@ -164,7 +165,7 @@ class ObsStore(Storage):
             )
             contents = resp.body.contents or []
             for item in contents:
-                if not str(item.key).startswith(self.prefix + DIGESTS_DIR):
+                if not str(item.key).startswith((self.prefix + DIGESTS_DIR, self.prefix + LEASES_DIR)):
                     yield RemoteEntry(item.key, int(item.size), _parse_time(str(item.lastModified)))
             if not resp.body.is_truncated or not contents:
                 return
@@ -260,6 +261,58 @@ class ObsStore(Storage):
                 )
         log.info("uploaded %s to OBS as %s (%s)", meta.url, stored.remote, format_size(meta.size))
         return stored
+
+    # -- leases: one instance fetches a cold key ------------------------------------------------
+
+    def lease_key(self, key: str) -> str:
+        return f"{self.prefix}{LEASES_DIR}{digest_of(key)}"
+
+    async def take_lease(self, key: str, owner: str) -> bool:
+        """Create the key's lease object unless it exists (``If-None-Match: *``): whether we got it."""
+        loop = asyncio.get_running_loop()
+        call = self._client.putContent
+        try:
+            resp = await loop.run_in_executor(
+                self._pool,
+                lambda: call(self.bucket, self.lease_key(key), content=owner, extensionHeaders={"If-None-Match": "*"}),
+            )
+        except Exception as exc:
+            raise ObsUnavailable(f"OBS take lease: {type(exc).__name__}: {exc}") from None
+        if resp.status in (409, 412):
+            return False
+        if resp.status >= 300:
+            raise ObsUnavailable(f"OBS take lease: {resp.status} {resp.errorCode or ''} {resp.errorMessage or ''}")
+        return True
+
+    async def renew_lease(self, key: str, owner: str) -> None:
+        """Rewrite the lease (its time is how the others know the fetch is alive)."""
+        await self._call("renew lease", self._client.putContent, self.bucket, self.lease_key(key), content=owner)
+
+    async def lease_stamp(self, key: str) -> str | None:
+        """What identifies the lease's last write (ETag, Last-Modified), or None when there is
+        none: a stamp that stops changing tells a dead fetch, whatever the clocks say."""
+        resp = await self._call(
+            "head lease", self._client.getObjectMetadata, self.bucket, self.lease_key(key), ok_missing=True
+        )
+        if resp is None:
+            return None
+        headers = {k.lower(): v for k, v in resp.header}
+        return f"{headers.get('etag', '')} {headers.get('last-modified', '')}"
+
+    async def drop_lease(self, key: str) -> None:
+        await self.delete_key(self.lease_key(key))
+
+    async def conditional_puts_work(self) -> bool:
+        """Whether the endpoint refuses a second ``If-None-Match: *`` PUT (S3 does since 2024,
+        SeaweedFS does; a store that ignores it cannot keep one fetch per key across instances)."""
+        probe = f"probe-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            first = await self.take_lease(probe, "probe")
+            second = await self.take_lease(probe, "probe")
+            await self.drop_lease(probe)
+        except ObsUnavailable:
+            return False
+        return first and not second
 
     def digest_key(self, algorithm: str, hexdigest: str) -> str:
         return f"{self.prefix}{DIGESTS_DIR}{algorithm}/{hexdigest}"
