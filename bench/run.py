@@ -210,7 +210,12 @@ max_filedescriptors 16384
 
 
 def start_cacheproxy(
-    root: Path, workers: int, store: Path | None = None, access_log: str = "-", name: str = "cacheproxy"
+    root: Path,
+    workers: int,
+    store: Path | None = None,
+    access_log: str = "-",
+    name: str = "cacheproxy",
+    ready_timeout: float = 120.0,
 ) -> tuple[Server, float]:
     """cacheproxy with its default log settings (access lines on standard error, kept in a file as
     systemd or docker would keep them), or ``access_log`` a file. The per-client limits are raised:
@@ -229,7 +234,7 @@ def start_cacheproxy(
     proc = subprocess.Popen([sys.executable, "-m", "cacheproxy", "-c", str(config)], stderr=stderr)
     stderr.close()
     ready = f"http://127.0.0.1:{port}/_cacheproxy/readyz"
-    wait_for(lambda: http_ok(ready), "cacheproxy", timeout=120)
+    wait_for(lambda: http_ok(ready), "cacheproxy", timeout=ready_timeout)
     return Server(name, port, proc), time.monotonic() - started
 
 
