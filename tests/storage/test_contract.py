@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cacheproxy.config import load_config
-from cacheproxy.storage.base import ObjectMeta, Storage
+from cacheproxy.storage.base import Digests, ObjectMeta, Storage
 from cacheproxy.storage.local import LocalStore
 from cacheproxy.storage.obs import LIST_PAGE, ObsStore, ObsUnavailable
 
@@ -55,7 +55,9 @@ async def put(store: Storage, url: str, body: bytes) -> ObjectMeta:
     writer = await store.begin_write(url)
     await writer.write([body[: len(body) // 2], body[len(body) // 2 :]])
     assert writer.written == len(body)
-    assert await writer.digests() == (hashlib.sha256(body).hexdigest(), hashlib.md5(body).hexdigest())
+    assert await writer.digests() == Digests(
+        hashlib.sha256(body).hexdigest(), hashlib.sha512(body).hexdigest(), hashlib.md5(body).hexdigest()
+    )
     return await writer.commit(meta_for(url, body))
 
 
