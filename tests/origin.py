@@ -41,6 +41,7 @@ class Seen:
     method: str
     path: str
     headers: dict[str, str]
+    peer: object = None  # the client's (address, port): which connection it came on
 
 
 class Origin:
@@ -78,7 +79,8 @@ class Origin:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path_qs
-        self.log.append(Seen(request.method, path, dict(request.headers)))
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        self.log.append(Seen(request.method, path, dict(request.headers), peer))
         route = self.routes.get(path)
         if route is None:
             return web.Response(status=404, text="no such file\n")

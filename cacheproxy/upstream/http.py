@@ -143,6 +143,7 @@ class HttpUpstream:
         self._guard = self.guard = guard
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
+        self._once: aiohttp.ClientSession | None = None  # requests with a body
         self._resolver: GuardedResolver | None = None
         self._proxy: URL | None = None
         self._proxy_auth: aiohttp.BasicAuth | None = None
@@ -162,8 +163,19 @@ class HttpUpstream:
 
     async def start(self) -> None:
         self._resolver = GuardedResolver(self._guard)
+        self._session = self._new_session(force_close=False)
+        # A request with a body (a forwarded PUT or POST) is sent once and never retried, so it
+        # never goes out on a pooled keep-alive connection the origin may be closing just then
+        # ("Can not write request body"): it gets a connection of its own.
+        self._once = self._new_session(force_close=True)
+
+    def _new_session(self, *, force_close: bool) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
-            resolver=self._resolver, limit=0, ssl=self.ssl_context(), enable_cleanup_closed=False
+            resolver=self._resolver,
+            limit=0,
+            ssl=self.ssl_context(),
+            enable_cleanup_closed=False,
+            force_close=force_close,
         )
         timeout = aiohttp.ClientTimeout(
             total=None,
@@ -171,7 +183,7 @@ class HttpUpstream:
             sock_connect=self.config.connect_timeout,
             sock_read=self.config.read_timeout,
         )
-        self._session = aiohttp.ClientSession(
+        return aiohttp.ClientSession(
             connector=connector,
             timeout=timeout,
             auto_decompress=False,  # bytes are stored and served exactly as the origin sent them
@@ -181,14 +193,16 @@ class HttpUpstream:
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._once):
+            if session is not None:
+                await session.close()
 
     def new_budget(self) -> RetryBudget:
         return RetryBudget(self.config.retries, self.config.retry_backoff, self._metrics.upstream_retries.inc)
 
     async def _request_once(self, method: str, url: URL, headers: Mapping[str, str], data: object = None) -> Response:
-        assert self._session is not None and self._resolver is not None
+        assert self._session is not None and self._once is not None and self._resolver is not None
+        session = self._session if data is None else self._once
         for _ in range(MAX_REDIRECTS + 1):
             self._access.check_url(url)
             if url.scheme == "ftp":  # directly: an HTTP parent proxy is not asked for ftp:// (see README)
@@ -199,7 +213,7 @@ class HttpUpstream:
             if self._proxy is not None and self._resolver is not None:
                 await self._guard.check_name(self._resolver, url.host or "", url.port or 0)
             sent = time.time()
-            raw = await self._session.request(
+            raw = await session.request(
                 method,
                 url,
                 headers=headers,

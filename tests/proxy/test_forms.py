@@ -96,6 +96,24 @@ async def test_other_methods_405_unless_allowed(make_proxy: MakeProxy, origin: O
     assert origin.hits("/upload", "POST") == 1
 
 
+async def test_a_request_body_never_goes_out_on_a_pooled_connection(make_proxy: MakeProxy, origin: Origin) -> None:
+    """A forwarded PUT is sent once and never retried: it gets a connection of its own, never an
+    idle keep-alive one the origin may be closing ("Can not write request body"); GETs share."""
+    origin.add("/bucket/a.txt", body=b"stored")
+    origin.add("/plain.txt", body=b"plain", headers={"Cache-Control": "no-store"})
+    proxy = await make_proxy(rules__allow_other_methods=True)
+    for _ in range(2):
+        response, _ = await proxy.get(origin.url("/plain.txt"))
+        assert response.status == 200
+    for _ in range(2):
+        response, _ = await proxy.request("PUT", origin.url("/bucket/a.txt"), data=b"new content")
+        assert response.status == 200
+    gets = [s.peer for s in origin.log if s.method == "GET"]
+    puts = [s.peer for s in origin.log if s.method == "PUT"]
+    assert gets[0] == gets[1]  # kept alive and reused
+    assert len({*puts, gets[0]}) == 3  # each PUT on a new connection
+
+
 async def test_oversized_request_line_is_431(proxy: Proxy) -> None:
     result = await run("curl", "-sS", "-D", "-", "-o", "/dev/null", proxy.url + "/http://x/" + "a" * 20000)
     assert result.stdout.startswith(b"HTTP/1.0 431 ") and b"X-Cacheproxy-Error: bad_request" in result.stdout
