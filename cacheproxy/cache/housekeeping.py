@@ -28,6 +28,7 @@ from .shared import SharedTier
 log = logging.getLogger(__name__)
 
 ERROR_ANSWERS = 10_000  # stored error answers kept at most ...
+EVICT_BATCH = 1000  # least recently used objects looked at a time by an eviction pass
 POPULAR_KEPT = 10_000  # keys whose hit count is kept for the status page
 ERROR_BYTES = 64 << 20  # ... and bytes of them in all
 
@@ -60,6 +61,7 @@ class Housekeeper:
 
     def touch(self, meta: ObjectMeta) -> None:
         meta.last_access = time.time()
+        self.index.touched(meta.key)
         self._dirty.add(meta.key)
         self.requested[meta.key] += 1
         if len(self.requested) > POPULAR_KEPT:  # keep the counts bounded: the most requested stay
@@ -90,15 +92,19 @@ class Housekeeper:
         evicted = 0
         try:
             target = capacity * self.config.cache.low_watermark
-            for meta in self.index.least_recently_used():
-                if self.index.total_size <= target:
+            skipped: set[str] = set()
+            while self.index.total_size > target:
+                batch = [m for m in self.index.least_recently_used(EVICT_BATCH + len(skipped)) if m.key not in skipped]
+                if not batch:
                     break
-                if meta.key in self.fills:
-                    continue
-                if self.shared is not None and not meta.remote:
-                    continue  # not in OBS yet: the local copy is the only one
-                await self.purge(meta)
-                evicted += 1
+                for meta in batch:
+                    if self.index.total_size <= target:
+                        break
+                    if meta.key in self.fills or (self.shared is not None and not meta.remote):
+                        skipped.add(meta.key)  # being filled, or not in OBS yet (the only copy)
+                        continue
+                    await self.purge(meta)
+                    evicted += 1
             self.metrics.evictions.inc(evicted)
             log.info("evicted %d objects; store now %d bytes", evicted, self.index.total_size)
             high = capacity * self.config.cache.high_watermark
@@ -151,6 +157,7 @@ class Housekeeper:
                 meta.last_access = max(meta.last_access, known.last_access)
             fresh.put(meta)
         fresh.loaded = True
+        fresh.order_by_access()
         self.index.replace(fresh)
         self.count_errors()
 

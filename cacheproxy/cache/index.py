@@ -11,7 +11,9 @@ before it is done builds it at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
+import itertools
 from collections.abc import Iterator
 
 from ..storage.base import ObjectMeta
@@ -22,7 +24,9 @@ BUILD_SLICE = 10_000  # objects linked between two turns of the event loop
 
 class Index:
     def __init__(self) -> None:
-        self._objects: dict[str, ObjectMeta] = {}
+        # In access order, least recently used first (touched objects move to the end), so an
+        # eviction pass takes the oldest without sorting the whole store on the event loop.
+        self._objects: collections.OrderedDict[str, ObjectMeta] = collections.OrderedDict()
         self._by_digest: DigestMap | None = None  # None: not built yet
         self._building: DigestMap | None = None  # being built: changes go into it too
         self.total_size = 0
@@ -106,8 +110,19 @@ class Index:
         self.total_size = other.total_size
         self.loaded = other.loaded
 
-    def least_recently_used(self) -> list[ObjectMeta]:
-        return sorted(self._objects.values(), key=lambda m: m.last_access or m.stored_at)
+    def touched(self, key: str) -> None:
+        """``key`` was just used: it goes to the most recently used end."""
+        if key in self._objects:
+            self._objects.move_to_end(key)
+
+    def order_by_access(self) -> None:
+        """Put the entries in access order (after a load, which adds them in store order)."""
+        ordered = sorted(self._objects.values(), key=lambda m: m.last_access or m.stored_at)
+        self._objects = collections.OrderedDict((m.key, m) for m in ordered)
+
+    def least_recently_used(self, count: int) -> list[ObjectMeta]:
+        """The ``count`` least recently used objects, oldest first."""
+        return list(itertools.islice(self._objects.values(), count))
 
     def largest(self, n: int) -> list[ObjectMeta]:
         return heapq.nlargest(n, self._objects.values(), key=lambda m: m.size)

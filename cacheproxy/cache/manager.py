@@ -129,6 +129,7 @@ class Cache:
         started = time.monotonic()
         async for meta in self.store.scan():
             self.index.put(meta)
+        self.index.order_by_access()
         self.index.loaded = True
         self.housekeeper.count_errors()
         log.info(

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+from yarl import URL
 
 from ..conftest import MakeProxy, Proxy, curl, wget
 from ..origin import Origin
@@ -246,3 +247,22 @@ async def test_parent_proxy_carries_upstream_traffic(make_proxy: MakeProxy, orig
     assert parent.state.cache.index.get(origin.url("/via-parent.tar.gz")) is not None, "went through the parent"
     assert child.state.cache.index.get(origin.url("/via-parent.tar.gz")) is not None
     assert origin.hits("/via-parent.tar.gz") == 1
+
+
+async def test_eviction_takes_the_least_recently_used_first(make_proxy: MakeProxy, origin: Origin) -> None:
+    """Objects are kept in access order: a hit moves one to the recent end, and an eviction pass
+    takes the oldest without sorting the whole store."""
+    proxy = await make_proxy(cache__max_size=10_000, cache__high_watermark=0.8, cache__low_watermark=0.5)
+    for name in "abcd":
+        origin.add(f"/{name}.tar.gz", body=name.encode() * 2000)
+        await proxy.get(origin.url(f"/{name}.tar.gz"))
+        await proxy.wait_idle()
+    response, _ = await proxy.get(origin.url("/a.tar.gz"))  # a is now the most recently used
+    assert response.headers["X-Cache"] == "HIT"
+    origin.add("/e.tar.gz", body=b"e" * 2000)  # 10 000 bytes: over the high watermark
+    await proxy.get(origin.url("/e.tar.gz"))
+    await proxy.wait_idle()
+    cache = proxy.state.cache
+    kept = sorted(URL(m.url).path for m in cache.index)
+    assert kept == ["/a.tar.gz", "/e.tar.gz"]  # b, c, d went, oldest first, down to the low watermark
+    assert proxy.state.metrics.evictions._value.get() == 3
