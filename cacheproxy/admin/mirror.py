@@ -17,12 +17,12 @@ import re
 
 from aiohttp import web
 
+from ..cache.checksums import HEX_LENGTH
 from ..errors import BadRequest, MethodNotAllowed, NotFound
 from ..proxy.respond import Responder
 from ..state import AppState
 
 DIGEST_PREFIX = "/_cacheproxy"  # /_cacheproxy/sha256/<hex>
-HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _DIRECT = re.compile(r"^/(sha256|sha512)/([^/]+)$")
 _SPACK = re.compile(r"^/_source-cache/archive/[0-9a-fA-F]{2}/([0-9a-fA-F]{64})(?:\.[^/]*)?$")
 _LOOKASIDE = re.compile(r"^/([^/]+)/([^/]+)/(sha512|sha256|md5)/([^/]+)/([^/]+)$")

@@ -370,9 +370,7 @@ class Fetcher:
             key=key,
             url=str(url.with_user(None)),  # no FTP credentials in the store
             size=writer.written,
-            sha256=digests.sha256,
-            sha512=digests.sha512,
-            md5=digests.md5,
+            **digests.fields(),
             stored_at=now,
             response_time=now,
             lifetime=fresh.lifetime,

@@ -285,7 +285,7 @@ class Cache:
         PreconditionFailed when the stored body is not the expected one."""
         if expected.unknown_in(meta.digests) and meta.file:
             digests = await self.store.run(hash_file, str(self.store.body_path(meta)))
-            meta = dataclasses.replace(meta, sha256=digests.sha256, sha512=digests.sha512, md5=digests.md5)
+            meta = dataclasses.replace(meta, **digests.fields())
             self.index.put(meta)
             await self.store.update_meta(meta)
         if len(expected.unknown_in(meta.digests)) == len(expected.wanted):

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 _T = TypeVar("_T")
 
@@ -25,6 +25,12 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class DigestFields(TypedDict):
+    sha256: str
+    sha512: str
+    md5: str
+
+
 @dataclass(frozen=True)
 class Digests:
     """Hex digests of one body ("" for one that was not computed: objects stored before sha512)."""
@@ -35,6 +41,10 @@ class Digests:
 
     def get(self, algorithm: str) -> str:
         return str(getattr(self, algorithm))
+
+    def fields(self) -> DigestFields:
+        """As :class:`ObjectMeta` keeps them (``ObjectMeta(..., **digests.fields())``)."""
+        return {"sha256": self.sha256, "sha512": self.sha512, "md5": self.md5}
 
 
 @dataclass
