@@ -8,7 +8,9 @@ baseline "nginx https direct"; cacheproxy runs with ``workers`` = cores and TLS 
 then measured three ways with curl, a C client: intercepted https hit (``curl -x --cacert``),
 plain http hit of the same cached object (URL-in-path ``http://proxy/https://origin/...``), and
 nginx https direct. Small objects: curl --parallel with keep-alive, and once with a new
-connection (a new CONNECT and TLS handshake) for every request. Writes DIR/tls.json.
+connection (a new CONNECT and TLS handshake) for every request. Misses from the https origin
+(a 100 MiB object under names never asked for before, written to a file): URL-in-path and
+intercepted, against curl downloading it from nginx into a file. Writes DIR/tls.json.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import HERE, MiB, Server, free_port, http_ok, make_files, port_open, side_bench_args, wait_for
+from run import HERE, MiB, Server, free_port, http_ok, make_file, make_files, port_open, side_bench_args, wait_for
 
 
 def start_https_nginx(root: Path, files: Path, cert: Path, key: Path) -> Server:
@@ -77,7 +79,7 @@ def start_intercepting_cacheproxy(root: Path, workers: int, origin_port: int, or
 
 
 def curl_speed(url: str, *args: str) -> tuple[float, str]:
-    """(MiB/s, X-Cache) of one download to /dev/null."""
+    """(MiB/s, X-Cache) of one download (to /dev/null unless ``args`` say ``-o``)."""
     out = subprocess.run(
         ["curl", "-sS", "--fail", "-o", "/dev/null", "-D", "-", "-w", "\n%{speed_download}", *args, url],
         check=True, capture_output=True, text=True,
@@ -88,6 +90,30 @@ def curl_speed(url: str, *args: str) -> tuple[float, str]:
 
 def median_speed(url: str, *args: str, runs: int = 3) -> float:
     return statistics.median(curl_speed(url, *args)[0] for _ in range(runs))
+
+
+MISS_RUNS = 3
+MISS_SIZE = 100 * MiB
+
+
+def miss_speeds(files: Path, https: str, proxy: str, root: Path, *intercepted: str) -> dict[str, float]:
+    """Median MiB/s of 100 MiB misses (each a name not asked for before), written to a file."""
+    make_file(files / "miss.tar", MISS_SIZE)
+    for i in range(MISS_RUNS):
+        for form in ("direct", "path", "intercepted"):
+            (files / f"miss-{form}-{i}.tar").symlink_to(files / "miss.tar")
+    out = ("-o", str(root / "miss.out"))
+    speeds: dict[str, list[float]] = {"https_direct_to_file": [], "url_in_path_miss": [], "intercepted_miss": []}
+    for i in range(MISS_RUNS):
+        direct = curl_speed(f"{https}/miss-direct-{i}.tar", "--cacert", str(files.parent / "origin-ca.pem"), *out)
+        path = curl_speed(f"{proxy}/{https}/miss-path-{i}.tar", *out)
+        inter = curl_speed(f"{https}/miss-intercepted-{i}.tar", *intercepted, *out)
+        if path[1] != "MISS" or inter[1] != "MISS":
+            raise SystemExit(f"expected misses, got {path[1]} and {inter[1]}")
+        speeds["https_direct_to_file"].append(direct[0])
+        speeds["url_in_path_miss"].append(path[0])
+        speeds["intercepted_miss"].append(inter[0])
+    return {k: statistics.median(v) for k, v in speeds.items()}
 
 
 def curl_many(url: str, count: int, parallel: int, *args: str) -> float:
@@ -125,6 +151,7 @@ def main() -> None:
             https = f"https://localhost:{nginx.port}"
             intercepted = ("-x", proxy.proxy, "--cacert", str(proxy_ca))
             direct = ("--cacert", str(origin_ca))
+            misses = miss_speeds(files, https, proxy.proxy, root, *intercepted)
             for name in (large_name, "4k.tar"):
                 curl_speed(f"{https}/{name}", *intercepted)  # the miss that fills the cache
                 deadline = time.monotonic() + 60
@@ -155,6 +182,7 @@ def main() -> None:
         finally:
             proxy.stop()
             nginx.stop()
+    results["miss_100MiB_MiBps"] = {k: round(v, 1) for k, v in misses.items()}
     results["large_MiBps"] = {"object": large_name, **{k: round(v, 1) for k, v in large.items()}}
     results["small_4k_rps"] = {k: round(v) for k, v in small.items()}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +191,11 @@ def main() -> None:
     ratio_large = large["intercepted_hit"] / large["plain_http_hit"]
     ratio_small = small["intercepted_hit"] / small["plain_http_hit"]
     print(f"intercepted / plain http hit: large {ratio_large:.2f}x, small {ratio_small:.2f}x")
+    baseline = misses["https_direct_to_file"]
+    print(
+        f"https-origin misses / curl to file: URL-in-path {misses['url_in_path_miss'] / baseline:.2f}x, "
+        f"intercepted {misses['intercepted_miss'] / baseline:.2f}x"
+    )
 
 
 if __name__ == "__main__":

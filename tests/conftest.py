@@ -21,6 +21,7 @@ from yarl import URL
 from cacheproxy.app import App
 from cacheproxy.config import load_config
 from cacheproxy.state import AppState
+from cacheproxy.storage.base import ObjectMeta
 
 from .origin import Origin
 from .seaweed import ACCESS_KEY, SECRET_KEY, Seaweed, start_seaweed
@@ -55,6 +56,12 @@ class Proxy:
         async with aiohttp.ClientSession(auto_decompress=False) as session:
             async with session.request(method, origin_url, proxy=self.url, **kwargs) as response:
                 return response, await response.read()
+
+    async def stored(self) -> list[ObjectMeta]:
+        """The stored objects, least recently used first (read from the store where need be)."""
+        cache = self.state.cache
+        found = [await cache.stored(key) for key in cache.index.keys()]
+        return [m for m in found if m is not None]
 
     async def wait_idle(self, timeout: float = 10.0) -> None:
         """Wait until no fill runs (a fill outlives the client that started it)."""

@@ -7,7 +7,6 @@ store's usage and objects are the instance's.
 from __future__ import annotations
 
 import collections
-import heapq
 import itertools
 import time
 from dataclasses import dataclass
@@ -86,7 +85,7 @@ class Stats:
         fetched = sum(requests.get(r, 0) for r in FETCHED)
         total, free = state.store.disk_usage()
         keeper = cache.housekeeper
-        by_size = heapq.nlargest(10, cache.index, key=lambda m: m.size)
+        by_size = [m for m in [await cache.stored(k) for k in cache.index.largest(10)] if m is not None]
         popular = [(cache.index.get(k), n) for k, n in keeper.requested.most_common(20)]
         return {
             "instance": cache.alerts.instance,

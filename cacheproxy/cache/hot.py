@@ -84,27 +84,48 @@ class HotBodies:
         self._ready.move_to_end(key)
         return ready
 
-    async def _load(self, meta: ObjectMeta) -> None:
-        store = self._store
+    async def read(self, key: str) -> tuple[ObjectMeta | None, Ready | None]:
+        """``key``'s metadata from the store and, if the body is small, the body, in one trip to
+        the I/O pool: a hit of an object whose metadata was not in memory costs no more. That
+        body is for this answer only (no descriptor is held): an object becomes ready here when
+        it is hit again while its metadata is in memory."""
+        return await self._store.run(self._read_sync, key)
+
+    def _read_sync(self, key: str) -> tuple[ObjectMeta | None, Ready | None]:
+        meta = self._store.stat_sync(key)
+        if meta is None or not meta.file or meta.size > SMALL_BODY:
+            return meta, None
+        ready = self._ready_sync(meta)
+        if ready is not None:
+            ready.close()  # the body is in memory
+        return meta, ready
+
+    def _ready_sync(self, meta: ObjectMeta) -> Ready | None:
+        """The body of ``meta`` opened, and read if it is small (None: it is gone or damaged)."""
         try:
-            fd = await store.run(os.open, store.body_path(meta), os.O_RDONLY | os.O_CLOEXEC)
-            body = None
-            if meta.size <= SMALL_BODY:
-                try:
-                    body = await store.run(os.pread, fd, meta.size + 1, 0)
-                except OSError:
-                    os.close(fd)
-                    raise
-                if len(body) != meta.size:
-                    os.close(fd)
-                    return
-            ready = Ready(meta, body, fd)
+            fd = os.open(self._store.body_path(meta), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            return
+            return None
+        try:
+            body = os.pread(fd, meta.size + 1, 0) if meta.size <= SMALL_BODY else None
+            if body is None or len(body) == meta.size:
+                return Ready(meta, body, fd)
+        except OSError:
+            pass
+        os.close(fd)
+        return None
+
+    async def _load(self, meta: ObjectMeta) -> None:
+        try:
+            ready = await self._store.run(self._ready_sync, meta)
         finally:
             self._warming.pop(meta.key, None)
-        self._drop(meta.key)
-        self._ready[meta.key] = ready
+        if ready is not None:
+            self._keep(meta.key, ready)
+
+    def _keep(self, key: str, ready: Ready) -> None:
+        self._drop(key)
+        self._ready[key] = ready
         self._memory += len(ready.body or b"")
         while self._memory > MEMORY_BUDGET or len(self._ready) > OPEN_FILES:
             self._drop(next(iter(self._ready)))

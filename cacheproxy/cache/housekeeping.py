@@ -55,27 +55,36 @@ class Housekeeper:
         self.hot = hot
         self._errors: collections.OrderedDict[str, int] = collections.OrderedDict()  # key -> size
         self._error_bytes = 0
-        self._dirty: set[str] = set()
+        self._dirty: dict[str, ObjectMeta] = {}  # key -> the object whose last_access to persist
         self._evicting = False
         self.requested: collections.Counter[str] = collections.Counter()  # hits per key, since start
 
     def touch(self, meta: ObjectMeta) -> None:
         meta.last_access = time.time()
-        self.index.touched(meta.key)
-        self._dirty.add(meta.key)
+        self.index.touched(meta.key, meta.last_access)
+        self._dirty[meta.key] = meta
         self.requested[meta.key] += 1
         if len(self.requested) > POPULAR_KEPT:  # keep the counts bounded: the most requested stay
             self.requested = collections.Counter(dict(self.requested.most_common(POPULAR_KEPT // 2)))
 
     async def save_snapshot(self) -> None:
-        await self.store.run(self.store.write_snapshot_sync, list(self.index))
+        await self.store.run(self.store.write_snapshot_sync, self.index.listing())
 
     async def flush_access_times(self) -> None:
-        dirty, self._dirty = self._dirty, set()
-        for key in dirty:
-            meta = self.index.get(key)
-            if meta is not None:
+        dirty, self._dirty = self._dirty, {}
+        for key, meta in dirty.items():
+            if key in self.index:
                 await self.store.run(self.store.touch_sync, meta)
+
+    async def _meta(self, key: str) -> ObjectMeta | None:
+        """``key``'s whole metadata (read from the store when it is not in memory)."""
+        meta = self.index.get(key)
+        if meta is None:
+            meta = await self.store.stat(key)
+            if meta is None:
+                self._forget_error(key)
+                self.index.remove(key)  # removed by another worker
+        return meta
 
     def capacity(self) -> int:
         total, _ = self.store.disk_usage()
@@ -94,17 +103,19 @@ class Housekeeper:
             target = capacity * self.config.cache.low_watermark
             skipped: set[str] = set()
             while self.index.total_size > target:
-                batch = [m for m in self.index.least_recently_used(EVICT_BATCH + len(skipped)) if m.key not in skipped]
+                batch = [k for k in self.index.least_recently_used(EVICT_BATCH + len(skipped)) if k not in skipped]
                 if not batch:
                     break
-                for meta in batch:
+                for key in batch:
                     if self.index.total_size <= target:
                         break
-                    if meta.key in self.fills or (self.shared is not None and not meta.remote):
-                        skipped.add(meta.key)  # being filled, or not in OBS yet (the only copy)
+                    if key in self.fills or (self.shared is not None and key in self.shared.pending):
+                        skipped.add(key)  # being filled, or not in OBS yet (the only copy)
                         continue
-                    await self.purge(meta)
-                    evicted += 1
+                    meta = await self._meta(key)
+                    if meta is not None:
+                        await self.purge(meta)
+                        evicted += 1
             self.metrics.evictions.inc(evicted)
             log.info("evicted %d objects; store now %d bytes", evicted, self.index.total_size)
             high = capacity * self.config.cache.high_watermark
@@ -122,19 +133,19 @@ class Housekeeper:
     async def stored(self, meta: ObjectMeta) -> None:
         """A new object was committed: bound the error answers, then the store."""
         if meta.status >= 400:
-            self._note_error(meta)
+            self._note_error(meta.key, meta.size)
             while len(self._errors) > ERROR_ANSWERS or self._error_bytes > ERROR_BYTES:
-                oldest = self.index.get(next(iter(self._errors)))
+                oldest = await self._meta(next(iter(self._errors)))
                 if oldest is None:
                     self._forget_error(next(iter(self._errors)))
                     continue
                 await self.purge(oldest)
         await self.evict_if_needed()
 
-    def _note_error(self, meta: ObjectMeta) -> None:
-        self._forget_error(meta.key)
-        self._errors[meta.key] = meta.size
-        self._error_bytes += meta.size
+    def _note_error(self, key: str, size: int) -> None:
+        self._forget_error(key)
+        self._errors[key] = size
+        self._error_bytes += size
 
     def _forget_error(self, key: str) -> None:
         size = self._errors.pop(key, None)
@@ -144,30 +155,33 @@ class Housekeeper:
     async def purge(self, meta: ObjectMeta) -> None:
         self._forget_error(meta.key)
         self.index.remove(meta.key)
-        self._dirty.discard(meta.key)
+        self._dirty.pop(meta.key, None)
         self.hot.discard(meta.key)
         await self.store.delete(meta)
 
     async def reload_index(self) -> None:
-        """Take in what other workers stored or removed since the last look."""
-        fresh = Index()
-        async for meta in self.store.scan():
-            known = self.index.get(meta.key)
-            if known is not None and known.file == meta.file:
-                meta.last_access = max(meta.last_access, known.last_access)
-            fresh.put(meta)
-        fresh.loaded = True
-        fresh.order_by_access()
-        self.index.replace(fresh)
-        self.count_errors()
+        """Take in what other workers stored or removed since the last look: their new objects
+        go to the recent end, the known ones keep their place (a folder of the store at a time)."""
+        index = self.index
+        listed: set[str] = set()
+        async for found in self.store.listing():
+            for item in found:
+                listed.add(item.key)
+                if not index.same_body(item):
+                    index.add(item)
+                    if item.error:
+                        self._note_error(item.key, item.size)
+        for key in index.least_recently_used(len(index)):
+            if key not in listed:
+                index.remove(key)
+                self._forget_error(key)
 
     def count_errors(self) -> None:
         """Take stock of the error answers the index holds (after a load)."""
         self._errors.clear()
         self._error_bytes = 0
-        for meta in self.index:
-            if meta.status >= 400:
-                self._note_error(meta)
+        for key, size in self.index.errors():
+            self._note_error(key, size)
 
     async def cleanup(self) -> None:
         """Periodic: persist access times, evict, remove leftovers of interrupted fills."""
@@ -178,7 +192,7 @@ class Housekeeper:
         await self.evict_if_needed()
         now = time.time()
         for key in list(self._errors):
-            meta = self.index.get(key)
+            meta = await self._meta(key)
             if meta is None:
                 self._forget_error(key)
             elif (

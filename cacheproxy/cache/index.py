@@ -1,8 +1,20 @@
-"""The in-memory index of stored objects: a lookup never touches the disk.
+"""The in-memory index of stored objects: whether a key is stored never costs a disk read.
+
+Every stored object has an *entry*: its key and one packed int (size, whether it is an error
+answer and whether OBS has it, its body's file token, the first 60 bits of its sha256 and
+sha512, and its last access in milliseconds). That is about 100 bytes besides the key and the digest
+map, and none of it is an object the garbage collector has to walk, so a store of a million
+objects costs tens of megabytes and no collection pauses. Entries are in access order, least
+recently used first (a touched object moves to the end), so an eviction pass takes the oldest
+without sorting the store.
+
+The whole :class:`ObjectMeta` (the origin's headers, freshness, the full digests) of the
+``RESIDENT`` most recently used objects is kept beside the entries; for the others the cache
+reads it from the store when a request needs it (:meth:`~.manager.Cache.from_store`).
 
 Besides the key, an object is found by its sha256 or sha512 (the mirror-independent hits and the
-lookups by digest). That map holds the first 64 bits of each digest as an int and the key(s)
-having it; a lookup confirms the whole digest on the object, so a collision of the short form
+lookups by digest). That map holds the first 60 bits of each digest as an int and the key(s)
+having it; the cache confirms the whole digest on the object, so a collision of the short form
 costs a comparison, never a wrong answer. It is built after the index is loaded, a slice at a
 time (:meth:`Index.build_digests`), so neither the start nor the hits wait for it; a lookup
 before it is done builds it at once.
@@ -16,60 +28,135 @@ import heapq
 import itertools
 from collections.abc import Iterator
 
-from ..storage.base import ObjectMeta
+from ..storage.base import SHORT_HEX, Listed, ObjectMeta
 
 DigestMap = dict[int, str | set[str]]
 BUILD_SLICE = 10_000  # objects linked between two turns of the event loop
+RESIDENT = 20_000  # most recently used objects whose whole metadata stays in memory
+
+# The packed entry, from the low bits up. The access time is on top, so entries sort by it.
+_SIZE_BITS = 48
+_TOKEN_SHIFT = _SIZE_BITS + 2  # bit 48: OBS has it; bit 49: an error answer (status >= 400)
+_SHA256_SHIFT = _TOKEN_SHIFT + 64
+_SHA512_SHIFT = _SHA256_SHIFT + 60
+_ACCESS_SHIFT = _SHA512_SHIFT + 60
+_REMOTE = 1 << _SIZE_BITS
+_ERROR = 1 << (_SIZE_BITS + 1)
+_SIZE = (1 << _SIZE_BITS) - 1
+_U64 = (1 << 64) - 1
+_U60 = (1 << 60) - 1
+
+
+def short_digest(hexdigest: str) -> int:
+    """The form of a digest the map keeps (0: none)."""
+    return int(hexdigest[:SHORT_HEX], 16) if len(hexdigest) >= SHORT_HEX else 0
+
+
+def _pack(item: Listed) -> int:
+    token = int(item.token, 16) if len(item.token) == 16 else 0  # 0: unknown, never taken from a snapshot
+    return (
+        min(item.size, _SIZE)
+        | (_REMOTE if item.remote else 0)
+        | (_ERROR if item.error else 0)
+        | token << _TOKEN_SHIFT
+        | short_digest(item.sha256) << _SHA256_SHIFT
+        | short_digest(item.sha512) << _SHA512_SHIFT
+        | int(item.last_access * 1000) << _ACCESS_SHIFT
+    )
+
+
+def _size(entry: int) -> int:
+    return entry & _SIZE
+
+
+def _shorts(entry: int) -> tuple[int, int]:
+    return (entry >> _SHA256_SHIFT) & _U60, (entry >> _SHA512_SHIFT) & _U60
+
+
+def _listed(key: str, entry: int) -> Listed:
+    token = (entry >> _TOKEN_SHIFT) & _U64
+    sha256, sha512 = _shorts(entry)
+    return Listed(
+        key,
+        _size(entry),
+        (entry >> _ACCESS_SHIFT) / 1000,
+        f"{token:016x}" if token else "",
+        bool(entry & _REMOTE),
+        bool(entry & _ERROR),
+        f"{sha256:015x}" if sha256 else "",
+        f"{sha512:015x}" if sha512 else "",
+    )
 
 
 class Index:
     def __init__(self) -> None:
-        # In access order, least recently used first (touched objects move to the end), so an
-        # eviction pass takes the oldest without sorting the whole store on the event loop.
-        self._objects: collections.OrderedDict[str, ObjectMeta] = collections.OrderedDict()
+        # A plain dict keeps insertion order, and re-inserting moves a key to the end.
+        self._entries: dict[str, int] = {}
+        self._resident: collections.OrderedDict[str, ObjectMeta] = collections.OrderedDict()
         self._by_digest: DigestMap | None = None  # None: not built yet
         self._building: DigestMap | None = None  # being built: changes go into it too
         self.total_size = 0
         self.loaded = False
 
     def __len__(self) -> int:
-        return len(self._objects)
+        return len(self._entries)
 
-    def __iter__(self) -> Iterator[ObjectMeta]:
-        return iter(list(self._objects.values()))
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def keys(self) -> list[str]:
+        """The keys, least recently used first."""
+        return list(self._entries)
 
     def get(self, key: str) -> ObjectMeta | None:
-        return self._objects.get(key)
+        """The whole metadata of ``key`` if it is in memory (None: not stored, or read it from the store)."""
+        return self._resident.get(key)
 
     def put(self, meta: ObjectMeta) -> None:
-        old = self._objects.get(meta.key)
+        """A whole object (committed, read from the store, or changed): kept, and in memory."""
+        self.add(meta.listed())
+        self._resident[meta.key] = meta
+        self._resident.move_to_end(meta.key)
+        while len(self._resident) > RESIDENT:
+            self._resident.popitem(last=False)
+
+    def add(self, item: Listed) -> None:
+        """An object as a listing names it (its metadata is read from the store when needed)."""
+        entry = _pack(item)
+        old = self._entries.pop(item.key, None)
         if old is not None:
-            self.total_size -= old.size
-            self._unlink(old)
-        self._objects[meta.key] = meta
-        self.total_size += meta.size
+            self.total_size -= _size(old)
+            self._unlink(item.key, old)
+            if (old ^ entry) & (_U64 << _TOKEN_SHIFT):  # another body: what is in memory is stale
+                self._resident.pop(item.key, None)
+        self._entries[item.key] = entry
+        self.total_size += _size(entry)
         for digests in (self._by_digest, self._building):
             if digests is not None:
-                _link(digests, meta)
+                _link(digests, item.key, entry)
 
-    def remove(self, key: str) -> ObjectMeta | None:
-        meta = self._objects.pop(key, None)
-        if meta is not None:
-            self.total_size -= meta.size
-            self._unlink(meta)
-        return meta
+    def remove(self, key: str) -> bool:
+        self._resident.pop(key, None)
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        self.total_size -= _size(entry)
+        self._unlink(key, entry)
+        return True
 
-    def by_digest(self, algorithm: str, hexdigest: str) -> list[ObjectMeta]:
-        """The objects whose ``algorithm`` (sha256 or sha512) digest is ``hexdigest``."""
+    def size(self, key: str) -> int:
+        return _size(self._entries.get(key, 0))
+
+    def by_digest(self, hexdigest: str) -> list[str]:
+        """The keys whose sha256 or sha512 may be ``hexdigest`` (the caller confirms it on the object)."""
         if self._by_digest is None:
             self._by_digest = {}
-            for meta in self._objects.values():
-                _link(self._by_digest, meta)
-        keys = self._by_digest.get(int(hexdigest[:16], 16))
+            for key, entry in self._entries.items():
+                _link(self._by_digest, key, entry)
+        keys = self._by_digest.get(short_digest(hexdigest))
         if keys is None:
             return []
-        found = [self._objects.get(k) for k in ((keys,) if isinstance(keys, str) else sorted(keys))]
-        return [m for m in found if m is not None and m.digests.get(algorithm) == hexdigest]
+        return [keys] if isinstance(keys, str) else sorted(keys)
 
     async def build_digests(self) -> None:
         """Build the digest map a slice at a time (after the index is loaded)."""
@@ -78,67 +165,92 @@ class Index:
         building: DigestMap = {}
         self._building = building
         try:
-            metas = list(self._objects.values())
-            for start in range(0, len(metas), BUILD_SLICE):
-                for meta in metas[start : start + BUILD_SLICE]:
-                    if self._objects.get(meta.key) is meta:  # not replaced or removed meanwhile
-                        _link(building, meta)
+            items = list(self._entries.items())
+            for start in range(0, len(items), BUILD_SLICE):
+                for key, entry in items[start : start + BUILD_SLICE]:
+                    if self._entries.get(key) == entry:  # not replaced or removed meanwhile
+                        _link(building, key, entry)
                 await asyncio.sleep(0)
             if self._by_digest is None:  # a lookup did not build it meanwhile
                 self._by_digest = building
         finally:
             self._building = None
 
-    def _unlink(self, meta: ObjectMeta) -> None:
+    def _unlink(self, key: str, entry: int) -> None:
         for digests in (self._by_digest, self._building):
             if digests is None:
                 continue
-            for short in _short_digests(meta):
+            for short in _shorts(entry):
                 keys = digests.get(short)
-                if keys == meta.key:
+                if keys == key:
                     del digests[short]
                 elif isinstance(keys, set):
-                    keys.discard(meta.key)
+                    keys.discard(key)
                     if len(keys) == 1:
                         digests[short] = keys.pop()
 
+    def same_body(self, item: Listed) -> bool:
+        """Whether ``item`` is the body this index has for its key."""
+        entry = self._entries.get(item.key)
+        return entry is not None and not ((entry ^ _pack(item)) & (_U64 << _TOKEN_SHIFT))
+
+    def touched(self, key: str, when: float) -> None:
+        """``key`` was just used: it goes to the most recently used end."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._entries[key] = (entry & ((1 << _ACCESS_SHIFT) - 1)) | int(when * 1000) << _ACCESS_SHIFT
+            if key in self._resident:
+                self._resident.move_to_end(key)
+
+    def order_by_access(self) -> None:
+        """Put the entries in access order (after a load, which adds them in store order)."""
+        self._entries = dict(sorted(self._entries.items(), key=lambda item: item[1] >> _ACCESS_SHIFT))
+
+    def least_recently_used(self, count: int) -> list[str]:
+        """The keys of the ``count`` least recently used objects, oldest first."""
+        return list(itertools.islice(self._entries, count))
+
+    def largest(self, n: int) -> list[str]:
+        return [k for k, _ in heapq.nlargest(n, self._entries.items(), key=lambda item: _size(item[1]))]
+
+    def errors(self) -> list[tuple[str, int]]:
+        """(key, size) of the stored error answers."""
+        return [(k, _size(e)) for k, e in self._entries.items() if e & _ERROR]
+
+    def not_uploaded(self) -> list[str]:
+        """The keys OBS does not have yet (as far as the store's metadata says)."""
+        return [k for k, e in self._entries.items() if not e & _REMOTE]
+
+    def listing(self) -> Iterator[Listed]:
+        """Every entry, for the snapshot: of a copy taken now, made as they are consumed (in the
+        I/O pool, not on the event loop)."""
+        return itertools.starmap(_listed, dict(self._entries).items())
+
+    def keep_resident(self, other: Index) -> None:
+        """Keep what ``other`` holds in memory of the objects this index has the same body of."""
+        for key, meta in other._resident.items():
+            if self.same_body(meta.listed()):
+                self._resident[key] = meta
+
     def replace(self, other: Index) -> None:
         """Take ``other``'s entries in place (whoever holds this index sees them)."""
-        self._objects = other._objects
+        self._entries = other._entries
+        self._resident = other._resident
         self._by_digest = other._by_digest
         self._building = None
         self.total_size = other.total_size
         self.loaded = other.loaded
 
-    def touched(self, key: str) -> None:
-        """``key`` was just used: it goes to the most recently used end."""
-        if key in self._objects:
-            self._objects.move_to_end(key)
 
-    def order_by_access(self) -> None:
-        """Put the entries in access order (after a load, which adds them in store order)."""
-        ordered = sorted(self._objects.values(), key=lambda m: m.last_access or m.stored_at)
-        self._objects = collections.OrderedDict((m.key, m) for m in ordered)
-
-    def least_recently_used(self, count: int) -> list[ObjectMeta]:
-        """The ``count`` least recently used objects, oldest first."""
-        return list(itertools.islice(self._objects.values(), count))
-
-    def largest(self, n: int) -> list[ObjectMeta]:
-        return heapq.nlargest(n, self._objects.values(), key=lambda m: m.size)
-
-
-def _short_digests(meta: ObjectMeta) -> list[int]:
-    return [int(d[:16], 16) for d in (meta.sha256, meta.sha512) if len(d) >= 16]
-
-
-def _link(digests: DigestMap, meta: ObjectMeta) -> None:
-    for short in _short_digests(meta):
+def _link(digests: DigestMap, key: str, entry: int) -> None:
+    for short in _shorts(entry):
+        if not short:
+            continue
         keys = digests.get(short)
         if keys is None:
-            digests[short] = meta.key
+            digests[short] = key
         elif isinstance(keys, str):
-            if keys != meta.key:
-                digests[short] = {keys, meta.key}
+            if keys != key:
+                digests[short] = {keys, key}
         else:
-            keys.add(meta.key)  # many URLs, one body (empty files, say): a set, not a scan
+            keys.add(key)  # many URLs, one body (empty files, say): a set, not a scan

@@ -41,7 +41,7 @@ from .freshness import (
     reuse,
     stale_while_revalidate,
 )
-from .hot import HotBodies
+from .hot import HotBodies, Ready
 from .housekeeping import Housekeeper
 from .index import Index
 from .keys import Credentials, MirrorMap
@@ -127,8 +127,9 @@ class Cache:
 
     async def load(self) -> None:
         started = time.monotonic()
-        async for meta in self.store.scan():
-            self.index.put(meta)
+        async for found in self.store.listing():
+            for listed in found:
+                self.index.add(listed)
         self.index.order_by_access()
         self.index.loaded = True
         self.housekeeper.count_errors()
@@ -143,8 +144,9 @@ class Cache:
             self._snapshot = asyncio.create_task(self.save_snapshot())
         self._digests = asyncio.create_task(self.index.build_digests(), name="digest index")
         if self.shared is not None:
-            for meta in self.index:
-                if not meta.remote:  # committed before an upload could finish: upload it now
+            for key in self.index.not_uploaded():  # committed before an upload could finish: upload it now
+                meta = await self.from_store(key)
+                if meta is not None and not meta.remote:
                     self.shared.upload_later(meta)
             self.shared.start()
 
@@ -183,15 +185,26 @@ class Cache:
         return key
 
     async def from_store(self, key: str) -> ObjectMeta | None:
-        """An object this process does not know yet, stored by another worker or instance."""
-        meta = await self.store.stat(key)
+        """What the store has for ``key``: an object whose metadata is not in memory, or one
+        this process does not know yet (stored by another worker or instance)."""
+        return (await self._read(key))[0]
+
+    async def _read(self, key: str) -> tuple[ObjectMeta | None, Ready | None]:
+        """:meth:`from_store`, with a small body read in the same trip to the I/O pool."""
+        meta, ready = await self.hot.read(key)
         if meta is not None:
             self.index.put(meta)
-        return meta
+        elif key in self.index:
+            self.index.remove(key)  # removed by another worker
+        return meta, ready
+
+    async def stored(self, key: str) -> ObjectMeta | None:
+        """The stored object of ``key``, from memory or from the store."""
+        return self.index.get(key) or await self.from_store(key)
 
     def forget(self, meta: ObjectMeta) -> None:
         """The body went away under us (evicted or replaced by another worker)."""
-        if self.index.get(meta.key) is meta:
+        if self.index.same_body(meta.listed()):
             self.index.remove(meta.key)
         self.hot.discard(meta.key)
 
@@ -243,7 +256,7 @@ class Cache:
 
     async def _pinned(self, url: URL, headers: Mapping[str, str], expected: Expected) -> Hit | None:
         key = self.key_for(url, headers)
-        meta = self.index.get(key)
+        meta = await self.stored(key)
         if meta is not None and meta.status == 200:
             meta = await self._verify(meta, expected, url)
             return self.hit_for(meta)
@@ -262,8 +275,9 @@ class Cache:
 
     async def by_digest(self, algorithm: str, hexdigest: str) -> ObjectMeta | None:
         """A stored 200 whose sha256/sha512 is ``hexdigest``: here, or uploaded by any instance."""
-        for meta in self.index.by_digest(algorithm, hexdigest):
-            if meta.status == 200:
+        for key in self.index.by_digest(hexdigest):
+            meta = await self.stored(key)
+            if meta is not None and meta.status == 200 and meta.digests.get(algorithm) == hexdigest:
                 return meta
         if self.shared is not None:
             return await self.shared.by_digest(algorithm, hexdigest)
@@ -310,15 +324,16 @@ class Cache:
             return await self.bypass(url, method, headers)
         key = self.key_for(url, headers)
         meta = self.index.get(key)
+        ready: Ready | None = None
         if meta is None and key not in self.fills:
-            meta = await self.from_store(key)
+            meta, ready = await self._read(key)
             if meta is None and self.shared is not None:
                 meta = await self.shared.lookup(key)  # another instance may have stored it
         if meta is not None:
             usable = self._usable(meta, headers, req)
             if usable != VALIDATE:
                 try:
-                    ready = self.hot.get(meta)
+                    ready = ready or self.hot.get(meta)
                 except FileNotFoundError:  # removed by another worker just now: fetch it again
                     return await self.get(url, method, headers)
                 self.touch(meta)
@@ -375,7 +390,7 @@ class Cache:
 
     async def invalidate(self, url: URL, headers: Mapping[str, str]) -> None:
         for key in {self.key_for(url), self.key_for(url, headers)}:
-            meta = self.index.get(key)
+            meta = await self.stored(key)
             if meta is not None and key not in self.fills:
                 await self.purge(meta)
 
@@ -384,7 +399,7 @@ class Cache:
     async def lookup(self, url: URL) -> ObjectMeta | None:
         """What is stored for ``url`` (this process, the store, or the shared store)."""
         key = self.key_for(url)
-        meta = self.index.get(key) or await self.from_store(key)
+        meta = await self.stored(key)
         if meta is None and self.shared is not None:
             meta = await self.shared.lookup(key)
         return meta
@@ -396,7 +411,7 @@ class Cache:
     async def purge_url(self, url: URL) -> bool:
         """Remove ``url``'s object from the store and from OBS; whether there was one."""
         key = self.key_for(url)
-        meta = self.index.get(key) or await self.from_store(key)
+        meta = await self.stored(key)
         if meta is not None:
             await self.purge(meta)
         if self.shared is not None:

@@ -285,7 +285,7 @@ class Responder:
         response.content_length = stop - start
         if hit.remote is not None:
             return await self._stream_remote(request, response, hit, start, stop)
-        if ready is not None:
+        if ready is not None and ready.fd >= 0:
             fileobj = os.fdopen(os.dup(ready.fd), "rb", buffering=0)
         else:
             loop = asyncio.get_running_loop()

@@ -8,10 +8,10 @@ import json
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import Any, NamedTuple, TypedDict, TypeVar
 
 _T = TypeVar("_T")
 
@@ -47,6 +47,23 @@ class Digests:
         return {"sha256": self.sha256, "sha512": self.sha512, "md5": self.md5}
 
 
+SHORT_HEX = 15  # hex digits of a digest that the index and its snapshot keep (60 bits)
+
+
+class Listed(NamedTuple):
+    """What the index keeps of an object, as a store's listing names it: its whole
+    :class:`ObjectMeta` is read when a request needs it."""
+
+    key: str
+    size: int
+    last_access: float
+    token: str  # what tells this body from an earlier one of the key (the body file's suffix)
+    remote: bool  # OBS has it
+    error: bool  # an error answer (status >= 400)
+    sha256: str  # the digests, or their first hex digits ("" when not computed)
+    sha512: str
+
+
 @dataclass
 class ObjectMeta:
     """One stored object. ``key`` is the normalized URL; everything else describes the body."""
@@ -77,6 +94,18 @@ class ObjectMeta:
     @property
     def digests(self) -> Digests:
         return Digests(self.sha256, self.sha512, self.md5)
+
+    def listed(self) -> Listed:
+        return Listed(
+            self.key,
+            self.size,
+            self.last_access or self.stored_at,
+            self.file.partition(".")[2],
+            bool(self.remote),
+            self.status >= 400,
+            self.sha256,
+            self.sha512,
+        )
 
     def to_json(self) -> str:
         data = dict(self.__dict__)  # flat fields, a flat dict and a list of pairs: no deep copy needed
@@ -217,10 +246,19 @@ class Spool(Storage):
     def body_path(self, meta: ObjectMeta) -> Path: ...
 
     @abstractmethod
+    def stat_sync(self, key: str) -> ObjectMeta | None:
+        """:meth:`stat`, blocking (for work that goes to the I/O pool in one piece)."""
+
+    @abstractmethod
     async def begin_write(self, key: str) -> SpoolWriter: ...
 
     @abstractmethod
-    def write_snapshot_sync(self, metas: list[ObjectMeta]) -> None:
+    def listing(self) -> AsyncIterator[list[Listed]]:
+        """Every committed object, a batch at a time, the fast way (from the index snapshot
+        where it can), cleaning up what interrupted writes left."""
+
+    @abstractmethod
+    def write_snapshot_sync(self, items: Iterable[Listed]) -> None:
         """Write the index snapshot that makes the next start fast (blocking)."""
 
     @abstractmethod

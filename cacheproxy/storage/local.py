@@ -16,10 +16,10 @@ when nobody holds their key's lock, so one worker's clean-up never touches anoth
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -27,13 +27,13 @@ import select
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from . import flight
-from .base import Digests, ObjectMeta, Spool, SpoolWriter, key_digest
+from .base import SHORT_HEX, Digests, Listed, ObjectMeta, Spool, SpoolWriter, key_digest
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -58,6 +58,48 @@ def _read_small(path: str) -> bytes:
 
 
 READ_PIECE = 1 << 20
+SNAPSHOT_HEADER = b"cacheproxy index snapshot 2\n"
+
+
+class _SnapshotReader:
+    """The index snapshot's lines, a folder at a time (they are grouped by folder, in order)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: BinaryIO | None = None
+        self._next = b""
+        try:
+            self._file = open(path, "rb")  # closed by close()
+        except FileNotFoundError:
+            return
+        if self._file.readline() != SNAPSHOT_HEADER:
+            log.warning("ignoring the index snapshot %s: not in this version's format", path)
+            self.close()
+            return
+        self._next = self._file.readline()
+
+    def folder(self, name: str) -> dict[str, bytes]:
+        """The lines of folder ``name`` by the object's key digest (earlier folders are skipped)."""
+        prefix = name.encode()
+        lines: dict[str, bytes] = {}
+        while self._next and self._file is not None and self._next[:2] <= prefix:
+            if self._next[:2] == prefix:
+                lines[self._next[:64].decode("ascii", "replace")] = self._next
+            self._next = self._file.readline()
+        return lines
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _parse_line(line: bytes) -> Listed | None:
+    """A snapshot line (None: damaged)."""
+    try:
+        _, token, size, access, flags, sha256, sha512, key = line.decode().rstrip("\n").split("\t", 7)
+        return Listed(key, int(size), float(access), token, flags[0] == "1", flags[1] == "1", sha256, sha512)
+    except (ValueError, IndexError):
+        return None
 
 
 class LocalWriter(SpoolWriter):
@@ -187,7 +229,7 @@ class LocalWriter(SpoolWriter):
         body = folder / f"{digest}.{token}"
         os.rename(self.path, body)
         meta.file = body.name
-        previous = self._store.read_meta_sync(self._key)
+        previous = self._store.stat_sync(self._key)
         self._store.write_meta_sync(meta)
         if previous is not None and previous.file != meta.file:
             (folder / previous.file).unlink(missing_ok=True)
@@ -213,7 +255,7 @@ class LocalStore(Spool):
         self.root = root
         self.objects_dir = root / "objects"
         self.tmp_dir = root / "tmp"
-        self.snapshot_path = root / "index.json"
+        self.snapshot_path = root / "index.snapshot"
         self.scan_reads = 0  # entries the last scan read from their .json (not from the snapshot)
         self._executor = executor
 
@@ -227,9 +269,10 @@ class LocalStore(Spool):
         digest = key_digest(key)
         return self.objects_dir / digest[:2] / f"{digest}.json"
 
-    def read_meta_sync(self, key: str) -> ObjectMeta | None:
+    def stat_sync(self, key: str) -> ObjectMeta | None:
+        digest = key_digest(key)
         try:
-            return ObjectMeta.from_json(self._meta_path(key).read_bytes())
+            return ObjectMeta.from_json(_read_small(f"{self.objects_dir}/{digest[:2]}/{digest}.json"))
         except FileNotFoundError:
             return None
 
@@ -242,73 +285,67 @@ class LocalStore(Spool):
 
     # -- Storage --------------------------------------------------------------------------
 
-    def _scan_sync(self) -> list[ObjectMeta]:
-        """Every committed object. The snapshot saves reading each ``.json``: an entry of it is
-        taken when the folder listing still holds its ``.json`` and its body (a replaced object
-        has a new body name); anything else is read from its ``.json``."""
+    def _start_scan_sync(self) -> tuple[list[str], _SnapshotReader]:
+        """The folders of the store, and the snapshot to take their objects from."""
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         flight.remove_unowned(self.tmp_dir)  # interrupted fills
-        snapshot = self._read_snapshot()
-        found: list[ObjectMeta] = []
-        removed = 0
-        self.scan_reads = 0
-        for entry in os.scandir(self.objects_dir):
-            if entry.is_dir():
-                metas, gone = self._scan_folder(entry.path, snapshot)
-                found += metas
-                removed += gone
-        if removed:
-            log.info("removed %d leftover file(s) of interrupted writes", removed)
-        return found
+        self.snapshot_path.with_name("index.json").unlink(missing_ok=True)  # the format before 2
+        folders = sorted(entry.name for entry in os.scandir(self.objects_dir) if entry.is_dir())
+        return folders, _SnapshotReader(self.snapshot_path)
 
-    def _read_snapshot(self) -> dict[str, ObjectMeta]:
-        """The last index snapshot by body digest ({} when there is none or it is unreadable)."""
-        try:
-            text = self.snapshot_path.read_bytes()
-        except FileNotFoundError:
-            return {}
-        snapshot: dict[str, ObjectMeta] = {}
-        try:
-            for data in json.loads(text):  # one parse for the whole file: much faster than per line
-                meta = ObjectMeta.from_dict(data)
-                snapshot[meta.file.split(".", 1)[0]] = meta
-        except (ValueError, TypeError, AttributeError) as exc:
-            log.warning("ignoring the index snapshot %s: %s", self.snapshot_path, exc)
-            return {}
-        return snapshot
-
-    def write_snapshot_sync(self, metas: list[ObjectMeta]) -> None:
-        """Save the index for a fast next start (blocking; run in the pool)."""
-        tmp = self.snapshot_path.with_name(f"{self.snapshot_path.name}.{secrets.token_hex(4)}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:  # a JSON array, one object per line
-            f.write("[\n" + ",\n".join(meta.to_json() for meta in metas) + "\n]\n")
-        os.replace(tmp, self.snapshot_path)
-
-    def _scan_folder(self, folder: str, snapshot: dict[str, ObjectMeta]) -> tuple[list[ObjectMeta], int]:
-        """The objects of one ``objects/<d0d1>`` folder, and how many leftover files it removed."""
+    def _list_folder(self, name: str, snapshot: _SnapshotReader) -> tuple[list[Listed], int]:
+        """The objects of one ``objects/<d0d1>`` folder, and how many leftover files it removed.
+        A snapshot line is taken when the folder still holds its ``.json`` and its body (a
+        replaced object has a new body name); anything else is read from its ``.json``."""
+        folder = f"{self.objects_dir}/{name}"
         names = os.listdir(folder)
         present = set(names)
-        found: list[ObjectMeta] = []
+        lines = snapshot.folder(name)
+        found: list[Listed] = []
         referenced: set[str] = set()
-        for name in names:
-            if name.endswith(".json"):
-                meta = snapshot.get(name[:-5])
-                if meta is None or meta.file not in present:
-                    meta = self._read_entry(folder, f"{folder}/{name}")
-                    self.scan_reads += 1
-                if meta is not None:
-                    referenced.add(meta.file)
-                    found.append(meta)
-        removed = 0
-        for name in present - referenced:
-            if name.endswith((".json", ".tmp")):
+        for entry in names:
+            if not entry.endswith(".json"):
                 continue
-            if flight.digest_unowned(self.tmp_dir, name.split(".", 1)[0]):  # no worker is committing it
+            digest = entry[:-5]
+            listed = None
+            if (line := lines.get(digest)) is not None:
+                listed = _parse_line(line)
+                if listed is not None and f"{digest}.{listed.token}" not in present:
+                    listed = None
+            if listed is None:
+                self.scan_reads += 1
+                meta = self._read_entry(folder, f"{folder}/{entry}")
+                listed = None if meta is None else meta.listed()
+            if listed is not None:
+                referenced.add(f"{digest}.{listed.token}")
+                found.append(listed)
+        removed = 0
+        for entry in present - referenced:
+            if entry.endswith((".json", ".tmp")):
+                continue
+            if flight.digest_unowned(self.tmp_dir, entry.split(".", 1)[0]):  # no worker is committing it
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{folder}/{name}")
+                    os.unlink(f"{folder}/{entry}")
                     removed += 1
         return found, removed
+
+    def write_snapshot_sync(self, items: Iterable[Listed]) -> None:
+        """Save the index for a fast next start (blocking; run in the pool): a line per object,
+        grouped by folder, each group a buffer so that no object per line stays around."""
+        groups: dict[str, bytearray] = collections.defaultdict(bytearray)
+        for item in items:
+            digest = key_digest(item.key)
+            groups[digest[:2]] += (
+                f"{digest}\t{item.token}\t{item.size}\t{item.last_access:.3f}\t{int(item.remote)}{int(item.error)}"
+                f"\t{item.sha256[:SHORT_HEX]}\t{item.sha512[:SHORT_HEX]}\t{item.key}\n"
+            ).encode()
+        tmp = self.snapshot_path.with_name(f"{self.snapshot_path.name}.{secrets.token_hex(4)}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(SNAPSHOT_HEADER)
+            for name in sorted(groups):
+                f.write(groups.pop(name))
+        os.replace(tmp, self.snapshot_path)
 
     def _read_entry(self, folder: str, path: str) -> ObjectMeta | None:
         """One committed object, checked against its body; a broken entry is removed."""
@@ -334,12 +371,29 @@ class LocalStore(Spool):
             os.unlink(path)
         return None
 
+    async def listing(self) -> AsyncIterator[list[Listed]]:
+        self.scan_reads = 0
+        folders, snapshot = await self.run(self._start_scan_sync)
+        removed = 0
+        try:
+            for name in folders:
+                found, gone = await self.run(self._list_folder, name, snapshot)
+                removed += gone
+                yield found
+        finally:
+            snapshot.close()
+        if removed:
+            log.info("removed %d leftover file(s) of interrupted writes", removed)
+
     async def scan(self) -> AsyncIterator[ObjectMeta]:
-        for meta in await self.run(self._scan_sync):
-            yield meta
+        async for found in self.listing():
+            for listed in found:
+                meta = await self.stat(listed.key)
+                if meta is not None:
+                    yield meta
 
     async def stat(self, key: str) -> ObjectMeta | None:
-        return await self.run(self.read_meta_sync, key)
+        return await self.run(self.stat_sync, key)
 
     async def read(self, meta: ObjectMeta, start: int = 0, stop: int | None = None) -> AsyncIterator[bytes]:
         stop = meta.size if stop is None else stop
@@ -367,7 +421,7 @@ class LocalStore(Spool):
         await self.run(self.write_meta_sync, meta)
 
     def _delete_sync(self, meta: ObjectMeta) -> None:
-        current = self.read_meta_sync(meta.key)
+        current = self.stat_sync(meta.key)
         self._meta_path(meta.key).unlink(missing_ok=True)
         self.body_path(meta).unlink(missing_ok=True)
         if current is not None and current.file != meta.file:
@@ -395,7 +449,7 @@ class LocalStore(Spool):
 
     def touch_sync(self, meta: ObjectMeta) -> None:
         """Persist ``meta.last_access`` unless another worker replaced or removed the object."""
-        current = self.read_meta_sync(meta.key)
+        current = self.stat_sync(meta.key)
         if current is None or current.file != meta.file or current.last_access >= meta.last_access:
             return
         current.last_access = meta.last_access

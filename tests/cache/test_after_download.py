@@ -81,7 +81,7 @@ async def test_credentials_keep_answers_private(proxy: Proxy, origin: Origin) ->
     other = await curl(proxy, origin.url("/shared.txt", host="user:other@127.0.0.1"), "-D", "-")
     anonymous, _ = await proxy.get(origin.url("/shared.txt"))
     assert b"X-Cache: MISS" in other.stdout and anonymous.headers["X-Cache"] == "MISS"
-    keys = [m.key for m in proxy.state.cache.index]
+    keys = proxy.state.cache.index.keys()
     assert all("pw" not in k and "user" not in k for k in keys), keys  # a keyed hash, not the secret
 
 
@@ -98,7 +98,7 @@ async def test_ftp_logins_are_part_of_the_key(proxy: Proxy, tmp_path: Path) -> N
         assert b"X-Cache: HIT" in again.stdout
         wrong = await curl(proxy, ftp.url("/private/p.tar.gz", credentials=True).replace(PASSWORD, "nope"), "-D", "-")
         assert b"X-Cache: HIT" not in wrong.stdout and wrong.stdout.startswith(b"HTTP/1.1 502")
-        stored = [m.url for m in proxy.state.cache.index]
+        stored = [m.url for m in await proxy.stored()]
         assert stored == [ftp.url("/private/p.tar.gz")]  # the store names it without the login
         assert not any(PASSWORD in p.read_text(errors="ignore") for p in proxy.cache_dir.rglob("*.json"))
     finally:
@@ -184,7 +184,7 @@ async def test_error_answers_are_bounded(proxy: Proxy, origin: Origin, monkeypat
         response, _ = await proxy.get(origin.url(f"/missing-{i}.tar.gz"))
         assert response.status == 404
         await proxy.wait_idle()
-    errors = [m for m in proxy.state.cache.index if m.status == 404]
+    errors = [m for m in await proxy.stored() if m.status == 404]
     assert len(errors) == 3 and {m.url.rsplit("/", 1)[1] for m in errors} == {f"missing-{i}.tar.gz" for i in (3, 4, 5)}
     response, _ = await proxy.get(origin.url("/missing-5.tar.gz"))
     assert response.headers["X-Cache"] == "HIT"  # remembered for rules.negative_ttl

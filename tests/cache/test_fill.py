@@ -262,7 +262,6 @@ async def test_eviction_takes_the_least_recently_used_first(make_proxy: MakeProx
     origin.add("/e.tar.gz", body=b"e" * 2000)  # 10 000 bytes: over the high watermark
     await proxy.get(origin.url("/e.tar.gz"))
     await proxy.wait_idle()
-    cache = proxy.state.cache
-    kept = sorted(URL(m.url).path for m in cache.index)
+    kept = sorted(URL(m.url).path for m in await proxy.stored())
     assert kept == ["/a.tar.gz", "/e.tar.gz"]  # b, c, d went, oldest first, down to the low watermark
     assert proxy.state.metrics.evictions._value.get() == 3

@@ -23,7 +23,7 @@ async def uploaded(proxy: Proxy, count: int = 1, timeout: float = 15.0) -> None:
     shared = proxy.state.shared
     assert shared is not None
     for _ in range(int(timeout / 0.05)):
-        done = [m for m in proxy.state.cache.index if m.remote]
+        done = [m for m in await proxy.stored() if m.remote]
         if len(done) >= count and not shared.pending:
             return
         await asyncio.sleep(0.05)
@@ -32,7 +32,7 @@ async def uploaded(proxy: Proxy, count: int = 1, timeout: float = 15.0) -> None:
 
 async def evict_local(proxy: Proxy) -> None:
     """Drop the local copies (what eviction does once they are in OBS)."""
-    for meta in list(proxy.state.cache.index):
+    for meta in await proxy.stored():
         assert meta.remote
         await proxy.state.cache.purge(meta)
 
@@ -51,7 +51,7 @@ async def test_miss_upload_then_redirect_hit(
     miss = await curl(proxy, origin.url("/pkg.tar.gz"), "-D", "-")
     assert miss.stdout.endswith(BODY) and b"X-Cache: MISS" in miss.stdout
     await uploaded(proxy)
-    meta = next(iter(proxy.state.cache.index))
+    meta = (await proxy.stored())[0]
     assert obs_client(seaweed).getObjectMetadata(bucket, meta.remote).status == 200  # private, with metadata
     await evict_local(proxy)
     redirect = await curl(proxy, origin.url("/pkg.tar.gz"), "-D", "-", "-o", "/dev/null")
@@ -319,7 +319,7 @@ async def test_stale_shared_object_is_revalidated_in_place(
     proxy = await make_proxy(**seaweed.obs_config(bucket, storage__obs__serve_hits="stream"))
     assert (await curl(proxy, origin.url("/notes.txt"))).rc == 0
     await uploaded(proxy)
-    meta = next(iter(proxy.state.cache.index))
+    meta = (await proxy.stored())[0]
     before = meta.response_time
     await evict_local(proxy)
     await asyncio.sleep(1.2)  # stale now

@@ -124,7 +124,7 @@ async def test_login_with_user_and_password(
     await proxy.wait_idle()
     assert "builder:***@" in caplog.text  # the URLs were logged, without their passwords
     assert PASSWORD not in caplog.text and ":nope@" not in caplog.text
-    stored = [m.url for m in proxy.state.cache.index]
+    stored = [m.url for m in await proxy.stored()]
     assert stored == [ftp.url("/private/p.tar.gz")]  # no credentials in the store either
 
 

@@ -1,0 +1,95 @@
+"""The compact index: every object has a small entry, and only the most recently used keep their
+whole metadata in memory; the others are read from the store when a request needs them."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from cacheproxy.cache import index as index_module
+from cacheproxy.cache.index import Index
+from cacheproxy.storage.base import ObjectMeta
+
+from ..conftest import MakeProxy, curl
+from ..origin import Origin
+
+
+def body(i: int) -> bytes:
+    return b"%d" % i * 3000
+
+
+async def test_objects_not_in_memory_are_answered_from_the_store(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(index_module, "RESIDENT", 2)
+    store = tmp_path / "store"
+    a = await make_proxy(store, cache__max_size=20_000, cache__high_watermark=0.9, cache__low_watermark=0.5)
+    urls = [origin.url(f"/p{i}.tar.gz") for i in range(5)]
+    for i, url in enumerate(urls):
+        origin.add(f"/p{i}.tar.gz", body=body(i), etag=f'"e{i}"', headers={"X-Release": f"r{i}"})
+        await a.get(url)
+        await a.wait_idle()
+    await a.get(urls[0])  # p0 becomes the most recently used
+    index = a.state.cache.index
+    assert [index.get(u) is not None for u in urls] == [True, False, False, False, True]  # p0 read back
+    assert index.keys() == [*urls[1:], urls[0]]
+    await a.state.cache.close()  # writes the snapshot
+
+    b = await make_proxy(store, cache__max_size=20_000, cache__high_watermark=0.9, cache__low_watermark=0.5)
+    index = b.state.cache.index
+    assert b.state.store.scan_reads == 0, "every entry came from the snapshot"
+    assert index.keys() == [*urls[1:], urls[0]], "the access order survived the restart"
+    assert index.total_size == sum(len(body(i)) for i in range(5))
+    assert all(index.get(u) is None for u in urls), "nothing is read before it is asked for"
+    for i, url in enumerate(urls):
+        result = await curl(b, url, "-D", "-")
+        head = result.stdout.decode(errors="replace").lower()
+        assert "x-cache: hit" in head and f'etag: "e{i}"' in head and f"x-release: r{i}" in head
+        assert result.stdout.endswith(body(i))
+        assert origin.hits(f"/p{i}.tar.gz") == 1
+    response, _ = await b.get(urls[3], headers={"If-None-Match": '"e3"'})
+    assert response.status == 304
+    assert sum(index.get(u) is not None for u in urls) == 2, "at most RESIDENT whole entries stay"
+    # Found by digest while not in memory (p1 was pushed out by the later hits).
+    assert index.get(urls[1]) is None
+    response, got = await b.get(urls[1].replace("/p1.", "/elsewhere."), headers={
+        "X-Checksum-Sha256": hashlib.sha256(body(1)).hexdigest()})  # fmt: skip
+    assert response.headers["X-Cache"] == "HIT" and got == body(1)
+    assert response.headers["X-Cacheproxy-Source"] == urls[1]
+    # Eviction takes entries that are not in memory too, least recently used first.
+    await b.get(urls[4])
+    origin.add("/big.tar.gz", body=b"b" * 5000)  # 20 000 bytes: over the high watermark (18 000)
+    await b.get(origin.url("/big.tar.gz"))
+    await b.wait_idle()
+    kept = [urls[4], origin.url("/big.tar.gz")]
+    assert index.keys() == kept  # p1, p2, p3, p0 went, oldest first, down to the low watermark
+    files = {p.name.split(".")[0] for p in (store / "objects").rglob("*") if p.is_file()}
+    assert files == {hashlib.sha256(u.encode()).hexdigest() for u in kept}, "the evicted objects' files are gone"
+
+
+async def test_a_snapshot_of_the_old_format_is_ignored(make_proxy: MakeProxy, origin: Origin, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    a = await make_proxy(store)
+    origin.add("/x.tar.gz", body=b"x" * 100)
+    await a.get(origin.url("/x.tar.gz"))
+    await a.wait_idle()
+    await a.state.cache.close()
+    (store / "index.json").write_text("[]")  # what versions before 2 wrote
+    (store / "index.snapshot").write_bytes(b"[\n{}\n]\n")
+    b = await make_proxy(store)
+    assert b.state.store.scan_reads == 1 and origin.url("/x.tar.gz") in b.state.cache.index
+    assert not (store / "index.json").exists()
+
+
+def test_an_entry_keeps_what_the_index_needs() -> None:
+    index = Index()
+    meta = ObjectMeta("k", "k", 12345, "ab" * 32, "", 1.0, 1.0, sha512="cd" * 64, status=404, last_access=1700000000.25,
+                      file="digest.0123456789abcdef", remote="obj/k")  # fmt: skip
+    index.put(meta)
+    (listed,) = index.listing()
+    assert listed == meta.listed()._replace(sha256="ab" * 7 + "a", sha512="cd" * 7 + "c")
+    assert index.errors() == [("k", 12345)] and index.not_uploaded() == []
+    assert index.by_digest("ab" * 32) == ["k"] and index.by_digest("cd" * 64) == ["k"]
+    assert index.same_body(meta.listed()) and not index.same_body(meta.listed()._replace(token="0" * 16))
