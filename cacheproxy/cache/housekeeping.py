@@ -99,6 +99,7 @@ class Housekeeper:
             return 0
         self._evicting = True
         evicted = 0
+        started = time.monotonic()
         try:
             target = capacity * self.config.cache.low_watermark
             skipped: set[str] = set()
@@ -117,7 +118,12 @@ class Housekeeper:
                         await self.purge(meta)
                         evicted += 1
             self.metrics.evictions.inc(evicted)
-            log.info("evicted %d objects; store now %d bytes", evicted, self.index.total_size)
+            log.info(
+                "evicted %d objects in %.1fs; store now %d bytes",
+                evicted,
+                time.monotonic() - started,
+                self.index.total_size,
+            )
             high = capacity * self.config.cache.high_watermark
             self.alerts.condition(
                 STORE_OVER_WATERMARK,

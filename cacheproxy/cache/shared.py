@@ -94,12 +94,14 @@ class SharedTier:
         if problem is not None:
             self._failed(problem)
             return
+        started = time.monotonic()
         try:
             entries = {entry.object_key: entry async for entry in self.remote.entries()}
         except ObsUnavailable as exc:
             self._failed(str(exc))
             return
         self.entries, self.listed_at = entries, time.time()
+        log.info("listed OBS bucket %s: %d objects in %.1fs", self.remote.bucket, len(entries), time.monotonic() - started)
         self.failing = False
         for key, (meta, seen) in list(self._known.items()):
             entry = entries.get(meta.remote)
