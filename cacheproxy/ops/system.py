@@ -3,7 +3,11 @@
 - Resident memory stays flat: glibc serves a large allocation with mmap only until a freed one
   raises its threshold; after that, large buffers (body chunks, hash read-backs) come from
   per-thread arenas and stay resident after they are freed, tens of MB per busy worker. A fixed
-  threshold and few arenas keep memory proportional to what is in flight.
+  threshold and few arenas keep memory proportional to what is in flight. The threshold is just
+  above 2 MiB, not lower: a TLS read asks for 256 KiB per record (``SSLObject.read``) and an
+  encrypted hit reads 1 MiB pieces; served by mmap, each was an mmap, an mremap and a munmap
+  whose TLB shootdowns cost more than the decryption (https-origin misses ran at 82 MiB/s with a
+  256 KiB threshold, 162 MiB/s with this one; ``bench/tls.py``).
 - A worker ends with its supervisor: the kernel sends it SIGTERM when the supervisor dies, even
   by SIGKILL, so no orphan keeps serving the port with nobody to stop it.
 """
@@ -17,7 +21,7 @@ import signal
 
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
-MMAP_THRESHOLD = 256 << 10
+MMAP_THRESHOLD = (2 << 20) + (64 << 10)
 ARENA_MAX = 2
 PR_SET_PDEATHSIG = 1
 
