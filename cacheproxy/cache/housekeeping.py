@@ -18,7 +18,7 @@ import time
 from ..config import Config
 from ..ops.alerts import STORE_OVER_WATERMARK, Alerts
 from ..ops.metrics import Metrics
-from ..storage.base import ObjectMeta, Spool
+from ..storage.base import Listed, ObjectMeta, Spool
 from .fill import Fill
 from .freshness import is_fresh
 from .hot import HotBodies
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ERROR_ANSWERS = 10_000  # stored error answers kept at most ...
 EVICT_BATCH = 1000  # least recently used objects looked at a time by an eviction pass
+DELETE_BATCH = 100  # objects an eviction pass removes in one trip to the I/O pool
 POPULAR_KEPT = 10_000  # keys whose hit count is kept for the status page
 ERROR_BYTES = 64 << 20  # ... and bytes of them in all
 
@@ -68,7 +69,7 @@ class Housekeeper:
             self.requested = collections.Counter(dict(self.requested.most_common(POPULAR_KEPT // 2)))
 
     async def save_snapshot(self) -> None:
-        await self.store.run(self.store.write_snapshot_sync, self.index.listing())
+        await self.store.write_snapshot(self.index.listing())
 
     async def flush_access_times(self) -> None:
         dirty, self._dirty = self._dirty, {}
@@ -107,16 +108,20 @@ class Housekeeper:
                 batch = [k for k in self.index.least_recently_used(EVICT_BATCH + len(skipped)) if k not in skipped]
                 if not batch:
                     break
+                doomed: list[Listed] = []
                 for key in batch:
                     if self.index.total_size <= target:
                         break
                     if key in self.fills or (self.shared is not None and key in self.shared.pending):
                         skipped.add(key)  # being filled, or not in OBS yet (the only copy)
                         continue
-                    meta = await self._meta(key)
-                    if meta is not None:
-                        await self.purge(meta)
-                        evicted += 1
+                    item = self.index.listed(key)
+                    if item is not None:
+                        self._forget(key)
+                        doomed.append(item)
+                for start in range(0, len(doomed), DELETE_BATCH):  # a few trips to the I/O pool, not two per object
+                    await self.store.run(self.store.delete_listed_sync, doomed[start : start + DELETE_BATCH])
+                evicted += len(doomed)
             self.metrics.evictions.inc(evicted)
             log.info(
                 "evicted %d objects in %.1fs; store now %d bytes",
@@ -159,11 +164,15 @@ class Housekeeper:
             self._error_bytes -= size
 
     async def purge(self, meta: ObjectMeta) -> None:
-        self._forget_error(meta.key)
-        self.index.remove(meta.key)
-        self._dirty.pop(meta.key, None)
-        self.hot.discard(meta.key)
+        self._forget(meta.key)
         await self.store.delete(meta)
+
+    def _forget(self, key: str) -> None:
+        """``key`` is being removed: out of the index and of what is kept for it."""
+        self._forget_error(key)
+        self.index.remove(key)
+        self._dirty.pop(key, None)
+        self.hot.discard(key)
 
     async def reload_index(self) -> None:
         """Take in what other workers stored or removed since the last look: their new objects

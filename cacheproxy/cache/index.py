@@ -144,6 +144,10 @@ class Index:
         self._unlink(key, entry)
         return True
 
+    def listed(self, key: str) -> Listed | None:
+        entry = self._entries.get(key)
+        return None if entry is None else _listed(key, entry)
+
     def size(self, key: str) -> int:
         return _size(self._entries.get(key, 0))
 

@@ -101,7 +101,9 @@ class SharedTier:
             self._failed(str(exc))
             return
         self.entries, self.listed_at = entries, time.time()
-        log.info("listed OBS bucket %s: %d objects in %.1fs", self.remote.bucket, len(entries), time.monotonic() - started)
+        log.info(
+            "listed OBS bucket %s: %d objects in %.1fs", self.remote.bucket, len(entries), time.monotonic() - started
+        )
         self.failing = False
         for key, (meta, seen) in list(self._known.items()):
             entry = entries.get(meta.remote)

@@ -258,8 +258,12 @@ class Spool(Storage):
         where it can), cleaning up what interrupted writes left."""
 
     @abstractmethod
-    def write_snapshot_sync(self, items: Iterable[Listed]) -> None:
-        """Write the index snapshot that makes the next start fast (blocking)."""
+    async def write_snapshot(self, items: Iterable[Listed]) -> None:
+        """Write the index snapshot that makes the next start fast."""
+
+    @abstractmethod
+    def delete_listed_sync(self, items: Iterable[Listed]) -> None:
+        """Remove these objects (blocking): an eviction pass's batch, named by the index."""
 
     @abstractmethod
     def touch_sync(self, meta: ObjectMeta) -> None:

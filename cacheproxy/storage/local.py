@@ -59,6 +59,7 @@ def _read_small(path: str) -> bytes:
 
 READ_PIECE = 1 << 20
 SNAPSHOT_HEADER = b"cacheproxy index snapshot 2\n"
+SNAPSHOT_SLICE = 2000  # snapshot lines made between two turns of the event loop
 
 
 class _SnapshotReader:
@@ -330,22 +331,40 @@ class LocalStore(Spool):
                     removed += 1
         return found, removed
 
-    def write_snapshot_sync(self, items: Iterable[Listed]) -> None:
-        """Save the index for a fast next start (blocking; run in the pool): a line per object,
-        grouped by folder, each group a buffer so that no object per line stays around."""
+    async def write_snapshot(self, items: Iterable[Listed]) -> None:
+        """Save the index for a fast next start: a line per object, grouped by folder, each group
+        a buffer (no object per line stays around). The lines are made on the event loop a slice
+        at a time, not in a thread: Python work in a thread makes every system call of the loop
+        wait for the GIL (up to 5 ms each), which is what requests felt as latency."""
         groups: dict[str, bytearray] = collections.defaultdict(bytearray)
-        for item in items:
+        for n, item in enumerate(items, 1):
             digest = key_digest(item.key)
             groups[digest[:2]] += (
                 f"{digest}\t{item.token}\t{item.size}\t{item.last_access:.3f}\t{int(item.remote)}{int(item.error)}"
                 f"\t{item.sha256[:SHORT_HEX]}\t{item.sha512[:SHORT_HEX]}\t{item.key}\n"
             ).encode()
+            if n % SNAPSHOT_SLICE == 0:
+                await asyncio.sleep(0)
+        await self.run(self._write_snapshot_sync, groups)
+
+    def _write_snapshot_sync(self, groups: dict[str, bytearray]) -> None:
         tmp = self.snapshot_path.with_name(f"{self.snapshot_path.name}.{secrets.token_hex(4)}.tmp")
         with open(tmp, "wb") as f:
             f.write(SNAPSHOT_HEADER)
             for name in sorted(groups):
                 f.write(groups.pop(name))
         os.replace(tmp, self.snapshot_path)
+
+    def delete_listed_sync(self, items: Iterable[Listed]) -> None:
+        """Remove these objects' files (blocking; run in the pool): what an eviction pass does
+        with a batch, without reading their metadata."""
+        for item in items:
+            digest = key_digest(item.key)
+            folder = f"{self.objects_dir}/{digest[:2]}"
+            for name in (f"{digest}.json", f"{digest}.{item.token}" if item.token else ""):
+                if name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{folder}/{name}")
 
     def _read_entry(self, folder: str, path: str) -> ObjectMeta | None:
         """One committed object, checked against its body; a broken entry is removed."""
