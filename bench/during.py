@@ -1,15 +1,16 @@
 """Request latency while the housekeeping works on a large store: an eviction pass, the index
 snapshot, and the OBS listing refresh.
 
-    python bench/during.py [--objects 300000] [--keys 100000] [--seconds 30]
+    python bench/during.py [--objects 300000] [--keys 100000] [--seconds 30] [--connections 64]
 
-Hits on 100 objects (wrk, 64 connections, keep-alive) run through each phase, and wrk's p99 and
-maximum latency are reported beside the same run on an idle proxy:
+Hits on 100 objects (wrk, ``--connections`` keep-alive connections, 64 by default) run through
+each phase, and wrk's p99 and maximum latency are reported beside the same run on an idle proxy:
 
 - idle: a store of ``--objects`` small objects (bench/scale.py's generator), nothing to do;
-- eviction: the same store with ``max_size`` just under its size, ``cleanup_interval`` 5 s and
-  ``low_watermark`` 0.5, so the first clean-up evicts half of it (and each one writes the
-  snapshot); the pass's duration comes from the log;
+- snapshot: the same store, ``cleanup_interval`` 5 s (each clean-up writes the index snapshot);
+- eviction: the same store with ``max_size`` just under its size and ``low_watermark`` 0.5; a
+  miss from a local nginx a few seconds into the run commits an object and sets off a pass that
+  evicts half the store; the pass's duration comes from the log;
 - OBS listing: SeaweedFS with ``--keys`` objects under the prefix (uploaded by 32 threads),
   ``index_refresh`` 5 s; the listing's duration comes from the log, and the RSS growth it left.
 
@@ -24,6 +25,7 @@ import json
 import re
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,12 +60,12 @@ def start(root: Path, name: str, store: Path, extra: str) -> tuple[bench.Server,
     return bench.Server(name, port, proc), log
 
 
-def latency(root: Path, server: bench.Server, seconds: float) -> dict[str, float]:
+def latency(root: Path, server: bench.Server, seconds: float, connections: int) -> dict[str, float]:
     script = root / "wrk-hot.lua"
     script.write_text(scale.WRK_RANDOM.format(count=HOT).replace("latency:percentile(99)", "latency.max"))
     out = bench.subprocess.run(
-        ["wrk", "-t", "2", "-c", "64", "-d", f"{int(seconds)}s", "--latency", "--timeout", "10s", "-s", str(script),
-         server.proxy + "/"],
+        ["wrk", "-t", "2", "-c", str(connections), "-d", f"{int(seconds)}s", "--latency", "--timeout", "10s",
+         "-s", str(script), server.proxy + "/"],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     requests, duration, top, p50, *errors = (int(x) for x in out.split("RESULT", 1)[1].split())
@@ -122,7 +124,7 @@ def obs_phase(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         try:
             time.sleep(2)
             before = bench.tree_rss(server.proc.pid)
-            results["obs_listing"] = latency(root, server, args.seconds)
+            results["obs_listing"] = latency(root, server, args.seconds, args.connections)
             results["obs_listing"]["rss_growth_bytes"] = bench.tree_rss(server.proc.pid) - before
         finally:
             server.stop()
@@ -134,45 +136,72 @@ def obs_phase(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def local_phases(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Idle, snapshot and eviction on a store of ``args.objects`` objects."""
+    results: dict[str, Any] = {}
+    size = args.objects * len(scale.BODY)
+    store = root / "store"
+    scale.make_store(store, args.objects)
+    server, log = start(root, "idle", store, "cache: {{dir: {store}, max_size: 200GiB}}\n")
+    server.stop()  # the first start read every metadata file: this stop writes the snapshot
+    server, log = start(root, "idle", store, "cache: {{dir: {store}, max_size: 200GiB}}\n")
+    try:
+        time.sleep(5)  # the digest map is built after readiness
+        results["idle"] = latency(root, server, args.seconds, args.connections)
+    finally:
+        server.stop()
+    print("idle", results["idle"], flush=True)
+    # The snapshot alone: nothing to evict, a clean-up (which writes it) every 5 s.
+    server, log = start(root, "snapshot", store, "cache: {{dir: {store}, max_size: 200GiB, cleanup_interval: 5s}}\n")
+    try:
+        time.sleep(5)
+        results["snapshot"] = latency(root, server, args.seconds, args.connections)
+    finally:
+        server.stop()
+    print("snapshot", results["snapshot"], flush=True)
+    # An eviction pass alone: the store just over the high watermark, and a miss (from a local
+    # origin) a few seconds into the run sets it off when its object is committed.
+    evicting = f"cache: {{{{dir: {{store}}, max_size: {int(size / 0.95)}, high_watermark: 0.9, low_watermark: 0.5}}}}\n"
+    files = root / "files"
+    files.mkdir(exist_ok=True)
+    (files / "trigger.tar").write_bytes(b"t" * 1000)
+    root.chmod(0o755)
+    origin, _ = bench.start_nginx(root, files)
+    server, log = start(root, "eviction", store, evicting)
+    try:
+        time.sleep(5)
+        trigger = threading.Timer(3.0, bench.curl, (f"http://127.0.0.1:{origin.port}/trigger.tar", server.proxy))
+        trigger.start()
+        results["eviction"] = latency(root, server, args.seconds, args.connections)
+        trigger.join()
+        deadline = time.monotonic() + 600
+        while not logged(log, r"evicted \d+") and time.monotonic() < deadline:
+            time.sleep(1)  # the pass outlived wrk's run: its duration is still wanted
+    finally:
+        server.stop()
+        origin.stop()
+    passes = logged(log, r"evicted (\d+) objects in ([\d.]+)s")
+    results["eviction"]["passes"] = [{"evicted": int(n), "seconds": float(s)} for n, s in passes]
+    print("eviction", results["eviction"], flush=True)
+
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objects", type=int, default=300_000)
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--skip-obs", action="store_true", help="only the local phases (idle, eviction)")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections (64 saturates 2 cores)")
+    parser.add_argument("--skip-obs", action="store_true", help="only the local phases")
+    parser.add_argument("--only-obs", action="store_true", help="only the OBS listing phase")
     args = parser.parse_args()
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "objects": args.objects, "keys": args.keys}
-    size = args.objects * len(scale.BODY)
     with tempfile.TemporaryDirectory(prefix="cacheproxy-during-") as tmp:
         root = Path(tmp)
-        store = root / "store"
-        scale.make_store(store, args.objects)
-        server, log = start(root, "idle", store, "cache: {{dir: {store}, max_size: 200GiB}}\n")
-        server.stop()  # the first start read every metadata file: this stop writes the snapshot
-        server, log = start(root, "idle", store, "cache: {{dir: {store}, max_size: 200GiB}}\n")
-        try:
-            time.sleep(5)  # the digest map is built after readiness
-            results["idle"] = latency(root, server, args.seconds)
-        finally:
-            server.stop()
-        print("idle", results["idle"], flush=True)
-        evicting = (
-            f"cache: {{{{dir: {{store}}, max_size: {int(size / 0.95)}, high_watermark: 0.9, low_watermark: 0.5, "
-            "cleanup_interval: 5s}}\n"
-        )
-        server, log = start(root, "eviction", store, evicting)
-        try:
-            results["eviction"] = latency(root, server, args.seconds)
-            deadline = time.monotonic() + 600
-            while not logged(log, r"evicted \d+") and time.monotonic() < deadline:
-                time.sleep(1)  # the pass outlived wrk's run: its duration is still wanted
-        finally:
-            server.stop()
-        passes = logged(log, r"evicted (\d+) objects in ([\d.]+)s")
-        results["eviction"]["passes"] = [{"evicted": int(n), "seconds": float(s)} for n, s in passes]
-        print("eviction", results["eviction"], flush=True)
-
+        if not args.only_obs:
+            results.update(local_phases(root, args))
         if not args.skip_obs:
             results.update(obs_phase(root, args))
     args.out.mkdir(parents=True, exist_ok=True)

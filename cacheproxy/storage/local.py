@@ -59,7 +59,7 @@ def _read_small(path: str) -> bytes:
 
 READ_PIECE = 1 << 20
 SNAPSHOT_HEADER = b"cacheproxy index snapshot 2\n"
-SNAPSHOT_SLICE = 2000  # snapshot lines made between two turns of the event loop
+SNAPSHOT_SLICE = 1000  # snapshot lines made between two turns of the event loop
 
 
 class _SnapshotReader:
