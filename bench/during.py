@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 import run as bench  # noqa: E402
 import scale  # noqa: E402
 from obs import ObsClient  # noqa: E402
+from obs_hits import bucket_client  # noqa: E402
 
 from tests.seaweed import ACCESS_KEY, SECRET_KEY, start_seaweed  # noqa: E402
 
@@ -102,15 +103,7 @@ def obs_phase(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     weed = start_seaweed(root / "seaweed")
     try:
-        client = ObsClient(
-            access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, server=weed.endpoint, signature="v4",
-            path_style=True, is_secure=False, is_signature_negotiation=False, region="us-east-1",
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while client.createBucket(BUCKET).status >= 300:
-            if time.monotonic() > deadline:
-                raise SystemExit("cannot create the bucket")
-            time.sleep(0.5)
+        client = bucket_client(weed, BUCKET)
         results["bucket_fill_s"] = round(fill_bucket(client, args.keys), 1)
         obs = (
             "cache: {{dir: {store}, max_size: 200GiB}}\n"

@@ -30,9 +30,23 @@ from obs import ObsClient  # noqa: E402
 from run import Server, free_port, http_ok, make_files, side_bench_args, start_nginx, wait_for  # noqa: E402
 from tls import curl_many, curl_speed, median_speed  # noqa: E402
 
-from tests.seaweed import ACCESS_KEY, SECRET_KEY, start_seaweed  # noqa: E402
+from tests.seaweed import ACCESS_KEY, SECRET_KEY, Seaweed, start_seaweed  # noqa: E402
 
 BUCKET = "cacheproxy-bench"
+
+
+def bucket_client(weed: Seaweed, bucket: str) -> ObsClient:
+    """An SDK client of ``weed`` with ``bucket`` created (SeaweedFS takes a moment to accept it)."""
+    client = ObsClient(
+        access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, server=weed.endpoint, signature="v4",
+        path_style=True, is_secure=False, is_signature_negotiation=False, region="us-east-1",
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while client.createBucket(bucket).status >= 300:
+        if time.monotonic() > deadline:
+            raise SystemExit("cannot create the bucket")
+        time.sleep(0.5)
+    return client
 
 
 def start_instance(root: Path, name: str, workers: int, endpoint: str, serve_hits: str) -> Server:
@@ -65,15 +79,7 @@ def main() -> None:
         weed = start_seaweed(root / "seaweed")
         servers: list[Server] = [nginx]
         try:
-            client = ObsClient(
-                access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, server=weed.endpoint, signature="v4",
-                path_style=True, is_secure=False, is_signature_negotiation=False, region="us-east-1",
-            )  # fmt: skip
-            deadline = time.monotonic() + 60
-            while client.createBucket(BUCKET).status >= 300:
-                if time.monotonic() > deadline:
-                    raise SystemExit("cannot create the bucket")
-                time.sleep(0.5)
+            client = bucket_client(weed, BUCKET)
             # Named "localhost" so that redirected clients can reach it directly (--noproxy localhost),
             # as build machines would with the OBS endpoint in no_proxy.
             endpoint = weed.endpoint.replace("127.0.0.1", "localhost")
