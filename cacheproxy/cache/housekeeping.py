@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from ..config import Config
 from ..ops.alerts import STORE_OVER_WATERMARK, Alerts
@@ -45,8 +46,10 @@ class Housekeeper:
         fills: dict[str, Fill],
         hot: HotBodies,
         alerts: Alerts,
+        stored: Callable[[str], Awaitable[ObjectMeta | None]],
     ) -> None:
         self.config = config
+        self._lookup = stored  # a key's whole metadata, from memory or the store (Cache.stored)
         self.alerts = alerts
         self.store = store
         self.metrics = metrics
@@ -78,13 +81,10 @@ class Housekeeper:
                 await self.store.run(self.store.touch_sync, meta)
 
     async def _meta(self, key: str) -> ObjectMeta | None:
-        """``key``'s whole metadata (read from the store when it is not in memory)."""
-        meta = self.index.get(key)
+        """``key``'s whole metadata (None: removed meanwhile, and forgotten)."""
+        meta = await self._lookup(key)
         if meta is None:
-            meta = await self.store.stat(key)
-            if meta is None:
-                self._forget_error(key)
-                self.index.remove(key)  # removed by another worker
+            self._forget_error(key)
         return meta
 
     def capacity(self) -> int:

@@ -148,9 +148,6 @@ class Index:
         entry = self._entries.get(key)
         return None if entry is None else _listed(key, entry)
 
-    def size(self, key: str) -> int:
-        return _size(self._entries.get(key, 0))
-
     def by_digest(self, hexdigest: str) -> list[str]:
         """The keys whose sha256 or sha512 may be ``hexdigest`` (the caller confirms it on the object)."""
         if self._by_digest is None:

@@ -80,7 +80,9 @@ class Cache:
         self.credentials = Credentials(store.tmp_dir.parent / "credentials.key")
         self.hot = HotBodies(store, self.forget)
         self.provenance = Provenance(store.tmp_dir.parent / "provenance.sqlite3")
-        self.housekeeper = Housekeeper(config, store, metrics, self.index, shared, self.fills, self.hot, self.alerts)
+        self.housekeeper = Housekeeper(
+            config, store, metrics, self.index, shared, self.fills, self.hot, self.alerts, self.stored
+        )
         self.fetcher = Fetcher(
             config,
             store,
