@@ -8,6 +8,7 @@ SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -158,6 +159,10 @@ async def serve(config: Config, grace: float = DEFAULT_GRACE, worker: int | None
         await app.listen(address.host, address.port, reuse_port=worker is not None)
         if worker is None:
             log.info("listening on %s (cache %s)", address, config.cache.dir)
+    # What the start built (modules, the app, the loaded index) stays for the process's life: out
+    # of the garbage collector's sight, a full collection no longer walks it each time (~50 000
+    # objects: 20-30 ms that requests waited for, several times a minute under load).
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

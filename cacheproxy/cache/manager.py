@@ -486,7 +486,7 @@ class Cache:
             checks["obs"] = {
                 "ok": problem is None,
                 "bucket": shared.remote.bucket,
-                "objects": len(shared.entries),
+                "objects": shared.objects,
                 "pending_uploads": len(shared.pending),
                 **({"error": problem} if problem else {}),
             }

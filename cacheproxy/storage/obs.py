@@ -58,8 +58,8 @@ class ObsUnavailable(StorageUnavailable):
 
 
 class RemoteEntry(NamedTuple):
-    """One object of a listing: a tuple of a string and numbers, which the garbage collector stops
-    tracking after its first look (a listing of 100 000 is replaced at every refresh)."""
+    """One object of a listing, as ``ObsStore.entries`` yields it (to be kept, not held: the garbage
+    collector never stops tracking a NamedTuple, as it does a plain tuple of numbers)."""
 
     object_key: str
     size: int
