@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from ..config import Config
 from ..ops.alerts import STORE_OVER_WATERMARK, Alerts
 from ..ops.metrics import Metrics
+from ..storage import packed
 from ..storage.base import Listed, ObjectMeta, Spool
 from .fill import Fill
 from .freshness import is_fresh
@@ -180,12 +181,12 @@ class Housekeeper:
         index = self.index
         listed: set[str] = set()
         async for found in self.store.listing():
-            for item in found:
-                listed.add(item.key)
-                if not index.same_body(item):
-                    index.add(item)
-                    if item.error:
-                        self._note_error(item.key, item.size)
+            for key, entry in found:
+                listed.add(key)
+                if not index.same_body(key, entry):
+                    index.add(key, entry)
+                    if entry & packed.ERROR:
+                        self._note_error(key, packed.size(entry))
         for key in index.least_recently_used(len(index)):
             if key not in listed:
                 index.remove(key)

@@ -28,64 +28,13 @@ import heapq
 import itertools
 from collections.abc import Iterator
 
-from ..storage.base import SHORT_HEX, Listed, ObjectMeta
+from ..storage import packed
+from ..storage.base import Entry, Listed, ObjectMeta
+from ..storage.packed import short_digest
 
 DigestMap = dict[int, str | set[str]]
 BUILD_SLICE = 10_000  # objects linked between two turns of the event loop
 RESIDENT = 20_000  # most recently used objects whose whole metadata stays in memory
-
-# The packed entry, from the low bits up. The access time is on top, so entries sort by it.
-_SIZE_BITS = 48
-_TOKEN_SHIFT = _SIZE_BITS + 2  # bit 48: OBS has it; bit 49: an error answer (status >= 400)
-_SHA256_SHIFT = _TOKEN_SHIFT + 64
-_SHA512_SHIFT = _SHA256_SHIFT + 60
-_ACCESS_SHIFT = _SHA512_SHIFT + 60
-_REMOTE = 1 << _SIZE_BITS
-_ERROR = 1 << (_SIZE_BITS + 1)
-_SIZE = (1 << _SIZE_BITS) - 1
-_U64 = (1 << 64) - 1
-_U60 = (1 << 60) - 1
-
-
-def short_digest(hexdigest: str) -> int:
-    """The form of a digest the map keeps (0: none)."""
-    return int(hexdigest[:SHORT_HEX], 16) if len(hexdigest) >= SHORT_HEX else 0
-
-
-def _pack(item: Listed) -> int:
-    token = int(item.token, 16) if len(item.token) == 16 else 0  # 0: unknown, never taken from a snapshot
-    return (
-        min(item.size, _SIZE)
-        | (_REMOTE if item.remote else 0)
-        | (_ERROR if item.error else 0)
-        | token << _TOKEN_SHIFT
-        | short_digest(item.sha256) << _SHA256_SHIFT
-        | short_digest(item.sha512) << _SHA512_SHIFT
-        | int(item.last_access * 1000) << _ACCESS_SHIFT
-    )
-
-
-def _size(entry: int) -> int:
-    return entry & _SIZE
-
-
-def _shorts(entry: int) -> tuple[int, int]:
-    return (entry >> _SHA256_SHIFT) & _U60, (entry >> _SHA512_SHIFT) & _U60
-
-
-def _listed(key: str, entry: int) -> Listed:
-    token = (entry >> _TOKEN_SHIFT) & _U64
-    sha256, sha512 = _shorts(entry)
-    return Listed(
-        key,
-        _size(entry),
-        (entry >> _ACCESS_SHIFT) / 1000,
-        f"{token:016x}" if token else "",
-        bool(entry & _REMOTE),
-        bool(entry & _ERROR),
-        f"{sha256:015x}" if sha256 else "",
-        f"{sha512:015x}" if sha512 else "",
-    )
 
 
 class Index:
@@ -114,39 +63,38 @@ class Index:
 
     def put(self, meta: ObjectMeta) -> None:
         """A whole object (committed, read from the store, or changed): kept, and in memory."""
-        self.add(meta.listed())
+        self.add(meta.key, packed.pack(meta.listed()))
         self._resident[meta.key] = meta
         self._resident.move_to_end(meta.key)
         while len(self._resident) > RESIDENT:
             self._resident.popitem(last=False)
 
-    def add(self, item: Listed) -> None:
+    def add(self, key: str, entry: int) -> None:
         """An object as a listing names it (its metadata is read from the store when needed)."""
-        entry = _pack(item)
-        old = self._entries.pop(item.key, None)
+        old = self._entries.pop(key, None)
         if old is not None:
-            self.total_size -= _size(old)
-            self._unlink(item.key, old)
-            if (old ^ entry) & (_U64 << _TOKEN_SHIFT):  # another body: what is in memory is stale
-                self._resident.pop(item.key, None)
-        self._entries[item.key] = entry
-        self.total_size += _size(entry)
+            self.total_size -= packed.size(old)
+            self._unlink(key, old)
+            if (old ^ entry) & packed.BODY:  # another body: what is in memory is stale
+                self._resident.pop(key, None)
+        self._entries[key] = entry
+        self.total_size += packed.size(entry)
         for digests in (self._by_digest, self._building):
             if digests is not None:
-                _link(digests, item.key, entry)
+                _link(digests, key, entry)
 
     def remove(self, key: str) -> bool:
         self._resident.pop(key, None)
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
-        self.total_size -= _size(entry)
+        self.total_size -= packed.size(entry)
         self._unlink(key, entry)
         return True
 
     def listed(self, key: str) -> Listed | None:
         entry = self._entries.get(key)
-        return None if entry is None else _listed(key, entry)
+        return None if entry is None else packed.unpack(key, entry)
 
     def by_digest(self, hexdigest: str) -> list[str]:
         """The keys whose sha256 or sha512 may be ``hexdigest`` (the caller confirms it on the object)."""
@@ -181,7 +129,7 @@ class Index:
         for digests in (self._by_digest, self._building):
             if digests is None:
                 continue
-            for short in _shorts(entry):
+            for short in packed.shorts(entry):
                 keys = digests.get(short)
                 if keys == key:
                     del digests[short]
@@ -190,47 +138,50 @@ class Index:
                     if len(keys) == 1:
                         digests[short] = keys.pop()
 
-    def same_body(self, item: Listed) -> bool:
-        """Whether ``item`` is the body this index has for its key."""
-        entry = self._entries.get(item.key)
-        return entry is not None and not ((entry ^ _pack(item)) & (_U64 << _TOKEN_SHIFT))
+    def same_body(self, key: str, entry: int) -> bool:
+        """Whether ``entry`` is of the body this index has for ``key``."""
+        mine = self._entries.get(key)
+        return mine is not None and not ((mine ^ entry) & packed.BODY)
+
+    def holds(self, meta: ObjectMeta) -> bool:
+        """Whether ``meta``'s body is the one this index has for its key."""
+        return self.same_body(meta.key, packed.pack(meta.listed()))
 
     def touched(self, key: str, when: float) -> None:
         """``key`` was just used: it goes to the most recently used end."""
         entry = self._entries.pop(key, None)
         if entry is not None:
-            self._entries[key] = (entry & ((1 << _ACCESS_SHIFT) - 1)) | int(when * 1000) << _ACCESS_SHIFT
+            self._entries[key] = packed.with_access(entry, when)
             if key in self._resident:
                 self._resident.move_to_end(key)
 
     def order_by_access(self) -> None:
         """Put the entries in access order (after a load, which adds them in store order)."""
-        self._entries = dict(sorted(self._entries.items(), key=lambda item: item[1] >> _ACCESS_SHIFT))
+        self._entries = dict(sorted(self._entries.items(), key=lambda item: packed.accessed(item[1])))
 
     def least_recently_used(self, count: int) -> list[str]:
         """The keys of the ``count`` least recently used objects, oldest first."""
         return list(itertools.islice(self._entries, count))
 
     def largest(self, n: int) -> list[str]:
-        return [k for k, _ in heapq.nlargest(n, self._entries.items(), key=lambda item: _size(item[1]))]
+        return [k for k, _ in heapq.nlargest(n, self._entries.items(), key=lambda item: packed.size(item[1]))]
 
     def errors(self) -> list[tuple[str, int]]:
         """(key, size) of the stored error answers."""
-        return [(k, _size(e)) for k, e in self._entries.items() if e & _ERROR]
+        return [(k, packed.size(e)) for k, e in self._entries.items() if e & packed.ERROR]
 
     def not_uploaded(self) -> list[str]:
         """The keys OBS does not have yet (as far as the store's metadata says)."""
-        return [k for k, e in self._entries.items() if not e & _REMOTE]
+        return [k for k, e in self._entries.items() if not e & packed.REMOTE]
 
-    def listing(self) -> Iterator[Listed]:
-        """Every entry, for the snapshot: of a copy taken now, made as they are consumed (in the
-        I/O pool, not on the event loop)."""
-        return itertools.starmap(_listed, dict(self._entries).items())
+    def listing(self) -> Iterator[Entry]:
+        """Every key and entry, for the snapshot: of a copy taken now."""
+        return iter(dict(self._entries).items())
 
     def keep_resident(self, other: Index) -> None:
         """Keep what ``other`` holds in memory of the objects this index has the same body of."""
         for key, meta in other._resident.items():
-            if self.same_body(meta.listed()):
+            if self.holds(meta):
                 self._resident[key] = meta
 
     def replace(self, other: Index) -> None:
@@ -244,7 +195,7 @@ class Index:
 
 
 def _link(digests: DigestMap, key: str, entry: int) -> None:
-    for short in _shorts(entry):
+    for short in packed.shorts(entry):
         if not short:
             continue
         keys = digests.get(short)

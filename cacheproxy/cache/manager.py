@@ -130,8 +130,8 @@ class Cache:
     async def load(self) -> None:
         started = time.monotonic()
         async for found in self.store.listing():
-            for listed in found:
-                self.index.add(listed)
+            for key, entry in found:
+                self.index.add(key, entry)
         self.index.order_by_access()
         self.index.loaded = True
         self.housekeeper.count_errors()
@@ -206,7 +206,7 @@ class Cache:
 
     def forget(self, meta: ObjectMeta) -> None:
         """The body went away under us (evicted or replaced by another worker)."""
-        if self.index.same_body(meta.listed()):
+        if self.index.holds(meta):
             self.index.remove(meta.key)
         self.hot.discard(meta.key)
 

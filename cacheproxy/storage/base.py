@@ -47,9 +47,6 @@ class Digests:
         return {"sha256": self.sha256, "sha512": self.sha512, "md5": self.md5}
 
 
-SHORT_HEX = 15  # hex digits of a digest that the index and its snapshot keep (60 bits)
-
-
 class Listed(NamedTuple):
     """What the index keeps of an object, as a store's listing names it: its whole
     :class:`ObjectMeta` is read when a request needs it."""
@@ -62,6 +59,9 @@ class Listed(NamedTuple):
     error: bool  # an error answer (status >= 400)
     sha256: str  # the digests, or their first hex digits ("" when not computed)
     sha512: str
+
+
+Entry = tuple[str, int]  # a key and its index entry, packed (storage.packed)
 
 
 @dataclass
@@ -253,12 +253,12 @@ class Spool(Storage):
     async def begin_write(self, key: str) -> SpoolWriter: ...
 
     @abstractmethod
-    def listing(self) -> AsyncIterator[list[Listed]]:
+    def listing(self) -> AsyncIterator[list[Entry]]:
         """Every committed object, a batch at a time, the fast way (from the index snapshot
         where it can), cleaning up what interrupted writes left."""
 
     @abstractmethod
-    async def write_snapshot(self, items: Iterable[Listed]) -> None:
+    async def write_snapshot(self, entries: Iterable[Entry]) -> None:
         """Write the index snapshot that makes the next start fast."""
 
     @abstractmethod

@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from . import flight
-from .base import SHORT_HEX, Digests, Listed, ObjectMeta, Spool, SpoolWriter, key_digest
+from . import flight, packed
+from .base import Digests, Entry, Listed, ObjectMeta, Spool, SpoolWriter, key_digest
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -58,7 +58,7 @@ def _read_small(path: str) -> bytes:
 
 
 READ_PIECE = 1 << 20
-SNAPSHOT_HEADER = b"cacheproxy index snapshot 2\n"
+SNAPSHOT_HEADER = b"cacheproxy index snapshot 3\n"
 SNAPSHOT_SLICE = 1000  # snapshot lines made between two turns of the event loop
 
 
@@ -94,12 +94,12 @@ class _SnapshotReader:
             self._file = None
 
 
-def _parse_line(line: bytes) -> Listed | None:
-    """A snapshot line (None: damaged)."""
+def _parse_line(line: bytes) -> Entry | None:
+    """A snapshot line: the key digest, the packed entry in hex, the key (None: damaged)."""
     try:
-        _, token, size, access, flags, sha256, sha512, key = line.decode().rstrip("\n").split("\t", 7)
-        return Listed(key, int(size), float(access), token, flags[0] == "1", flags[1] == "1", sha256, sha512)
-    except (ValueError, IndexError):
+        _, entry, key = line.decode().rstrip("\n").split("\t", 2)
+        return key, int(entry, 16)
+    except ValueError:
         return None
 
 
@@ -295,7 +295,7 @@ class LocalStore(Spool):
         folders = sorted(entry.name for entry in os.scandir(self.objects_dir) if entry.is_dir())
         return folders, _SnapshotReader(self.snapshot_path)
 
-    def _list_folder(self, name: str, snapshot: _SnapshotReader) -> tuple[list[Listed], int]:
+    def _list_folder(self, name: str, snapshot: _SnapshotReader) -> tuple[list[Entry], int]:
         """The objects of one ``objects/<d0d1>`` folder, and how many leftover files it removed.
         A snapshot line is taken when the folder still holds its ``.json`` and its body (a
         replaced object has a new body name); anything else is read from its ``.json``."""
@@ -303,7 +303,7 @@ class LocalStore(Spool):
         names = os.listdir(folder)
         present = set(names)
         lines = snapshot.folder(name)
-        found: list[Listed] = []
+        found: list[Entry] = []
         referenced: set[str] = set()
         for entry in names:
             if not entry.endswith(".json"):
@@ -312,14 +312,14 @@ class LocalStore(Spool):
             listed = None
             if (line := lines.get(digest)) is not None:
                 listed = _parse_line(line)
-                if listed is not None and f"{digest}.{listed.token}" not in present:
+                if listed is not None and f"{digest}.{packed.token(listed[1])}" not in present:
                     listed = None
             if listed is None:
                 self.scan_reads += 1
                 meta = self._read_entry(folder, f"{folder}/{entry}")
-                listed = None if meta is None else meta.listed()
+                listed = None if meta is None else (meta.key, packed.pack(meta.listed()))
             if listed is not None:
-                referenced.add(f"{digest}.{listed.token}")
+                referenced.add(f"{digest}.{packed.token(listed[1])}")
                 found.append(listed)
         removed = 0
         for entry in present - referenced:
@@ -331,18 +331,16 @@ class LocalStore(Spool):
                     removed += 1
         return found, removed
 
-    async def write_snapshot(self, items: Iterable[Listed]) -> None:
-        """Save the index for a fast next start: a line per object, grouped by folder, each group
-        a buffer (no object per line stays around). The lines are made on the event loop a slice
-        at a time, not in a thread: Python work in a thread makes every system call of the loop
-        wait for the GIL (up to 5 ms each), which is what requests felt as latency."""
+    async def write_snapshot(self, entries: Iterable[Entry]) -> None:
+        """Save the index for a fast next start: a line per object (its key digest, its packed
+        entry in hex, its key), grouped by folder, each group a buffer (no object per line stays
+        around). The lines are made on the event loop a slice at a time, not in a thread: Python
+        work in a thread makes every system call of the loop wait for the GIL (up to 5 ms each),
+        which is what requests felt as latency."""
         groups: dict[str, bytearray] = collections.defaultdict(bytearray)
-        for n, item in enumerate(items, 1):
-            digest = key_digest(item.key)
-            groups[digest[:2]] += (
-                f"{digest}\t{item.token}\t{item.size}\t{item.last_access:.3f}\t{int(item.remote)}{int(item.error)}"
-                f"\t{item.sha256[:SHORT_HEX]}\t{item.sha512[:SHORT_HEX]}\t{item.key}\n"
-            ).encode()
+        for n, (key, entry) in enumerate(entries, 1):
+            digest = key_digest(key)
+            groups[digest[:2]] += f"{digest}\t{entry:x}\t{key}\n".encode()
             if n % SNAPSHOT_SLICE == 0:
                 await asyncio.sleep(0)
         await self.run(self._write_snapshot_sync, groups)
@@ -390,7 +388,7 @@ class LocalStore(Spool):
             os.unlink(path)
         return None
 
-    async def listing(self) -> AsyncIterator[list[Listed]]:
+    async def listing(self) -> AsyncIterator[list[Entry]]:
         self.scan_reads = 0
         folders, snapshot = await self.run(self._start_scan_sync)
         removed = 0
@@ -406,8 +404,8 @@ class LocalStore(Spool):
 
     async def scan(self) -> AsyncIterator[ObjectMeta]:
         async for found in self.listing():
-            for listed in found:
-                meta = await self.stat(listed.key)
+            for key, _ in found:
+                meta = await self.stat(key)
                 if meta is not None:
                     yield meta
 

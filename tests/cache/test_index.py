@@ -4,12 +4,14 @@ whole metadata in memory; the others are read from the store when a request need
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cacheproxy.cache import index as index_module
 from cacheproxy.cache.index import Index
+from cacheproxy.storage import packed
 from cacheproxy.storage.base import ObjectMeta
 
 from ..conftest import MakeProxy, curl
@@ -88,8 +90,10 @@ def test_an_entry_keeps_what_the_index_needs() -> None:
     meta = ObjectMeta("k", "k", 12345, "ab" * 32, "", 1.0, 1.0, sha512="cd" * 64, status=404, last_access=1700000000.25,
                       file="digest.0123456789abcdef", remote="obj/k")  # fmt: skip
     index.put(meta)
-    (listed,) = index.listing()
-    assert listed == meta.listed()._replace(sha256="ab" * 7 + "a", sha512="cd" * 7 + "c")
+    ((key, entry),) = index.listing()
+    assert packed.unpack(key, entry) == meta.listed()._replace(sha256="ab" * 7 + "a", sha512="cd" * 7 + "c")
+    assert index.listed("k") == packed.unpack(key, entry)
     assert index.errors() == [("k", 12345)] and index.not_uploaded() == []
     assert index.by_digest("ab" * 32) == ["k"] and index.by_digest("cd" * 64) == ["k"]
-    assert index.same_body(meta.listed()) and not index.same_body(meta.listed()._replace(token="0" * 16))
+    assert index.holds(meta) and not index.holds(replace(meta, file="digest.fedcba9876543210"))
+    assert index.holds(replace(meta, last_access=5.0, remote=""))  # the same body, used or uploaded since

@@ -174,6 +174,6 @@ async def test_restart_takes_the_index_snapshot_and_checks_it(
     response, body = await third.get(origin.url("/new.tar.gz"))
     assert response.headers["X-Cache"] == "HIT" and body == b"new" * 100
     # A damaged snapshot is ignored: the entries are read one by one.
-    snapshot.write_text("cacheproxy index snapshot 2\nnot\ta line\n")
+    snapshot.write_text("cacheproxy index snapshot 3\nnot\ta line\n")
     fourth = await make_proxy(store)
     assert len(fourth.state.cache.index) == 2 and fourth.state.store.scan_reads == 2
