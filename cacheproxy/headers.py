@@ -70,14 +70,14 @@ def end_to_end(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return _without(headers, (HOP_BY_HOP, FRAMING))
 
 
-def for_storage(headers: Mapping[str, str]) -> list[list[str]]:
+def for_storage(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """The response headers kept with a stored object and replayed on its hits."""
-    return [[k, v] for k, v in _without(headers, (HOP_BY_HOP, FRAMING, NOT_STORED)).items()]
+    return tuple(_without(headers, (HOP_BY_HOP, FRAMING, NOT_STORED)).items())
 
 
-def updated(stored: list[list[str]], fresh: Mapping[str, str]) -> list[list[str]]:
+def updated(stored: tuple[tuple[str, str], ...], fresh: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """RFC 9111 3.2: the stored headers with each field of a 304 (or HEAD) replacing its namesakes."""
     incoming = for_storage(fresh)
     names = {k.lower() for k, _ in incoming} - {"content-length"}
-    kept = [[k, v] for k, v in stored if k.lower() not in names]
-    return kept + [[k, v] for k, v in incoming if k.lower() != "content-length"]
+    kept = tuple((k, v) for k, v in stored if k.lower() not in names)
+    return kept + tuple((k, v) for k, v in incoming if k.lower() != "content-length")

@@ -264,7 +264,7 @@ def is_fresh(lifetime: float, response_time: float, now: float, initial: float =
 FRESH, STALE_OK, VALIDATE, REVALIDATE_LATER = "fresh", "stale-ok", "validate", "revalidate-later"
 
 
-def stale_while_revalidate(headers: list[list[str]]) -> int:
+def stale_while_revalidate(headers: tuple[tuple[str, str], ...]) -> int:
     """RFC 5861: how long past its lifetime a stored response may answer while it is revalidated."""
     for name, value in headers:
         if name.lower() == "cache-control" and "stale-while-revalidate" in value.lower():

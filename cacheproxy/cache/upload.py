@@ -81,7 +81,7 @@ async def store_upload(config: Config, store: Spool, key: str, url: URL, upload:
                 must_revalidate=False,
                 content_type=content_type,
                 last_access=now,
-                headers=[["Content-Type", content_type]],
+                headers=(("Content-Type", content_type),),
             )
             return await writer.commit(meta)
         except BaseException:

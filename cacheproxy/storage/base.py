@@ -85,7 +85,10 @@ class ObjectMeta:
     last_modified: str | None = None
     vary: dict[str, str | None] = field(default_factory=dict)  # request header -> its value (None: absent)
     status: int = 200
-    headers: list[list[str]] = field(default_factory=list)  # the origin's end-to-end headers, replayed on hits
+    # The origin's end-to-end headers, replayed on hits. Tuples, not JSON's lists: the garbage
+    # collector stops tracking a tuple of strings, and the metadata of 20 000 objects stays in
+    # memory (lists made 120 000 objects that each full collection walked: 18 ms).
+    headers: tuple[tuple[str, str], ...] = ()
     initial_age: float = 0.0  # the response's corrected age when received (RFC 9111 4.2.3)
     last_access: float = 0.0
     file: str = ""  # the body file in the local store ("" when only the shared store has it)
@@ -122,9 +125,10 @@ class ObjectMeta:
             data = {k: v for k, v in data.items() if k in _FIELDS}  # written by a newer version
         if data.get("lifetime") is None:
             data["lifetime"] = math.inf
+        data["headers"] = tuple((k, v) for k, v in data.get("headers", ()))
         return cls(**data)
 
-    def header_pairs(self) -> list[list[str]]:
+    def header_pairs(self) -> tuple[tuple[str, str], ...]:
         """The origin's headers kept with the object (made from its fields for objects stored
         before whole headers were kept)."""
         if self.headers:
@@ -136,7 +140,7 @@ class ObjectMeta:
             ("ETag", self.etag),
             ("Last-Modified", self.last_modified),
         ]
-        return [[k, v] for k, v in legacy if v]
+        return tuple((k, v) for k, v in legacy if v)
 
     def public(self) -> dict[str, Any]:
         """The fields the admin API and status page show."""
