@@ -309,18 +309,15 @@ class LocalStore(Spool):
             if not entry.endswith(".json"):
                 continue
             digest = entry[:-5]
-            listed = None
-            if (line := lines.get(digest)) is not None:
-                listed = _parse_line(line)
-                if listed is not None and f"{digest}.{packed.token(listed[1])}" not in present:
-                    listed = None
-            if listed is None:
-                self.scan_reads += 1
+            listed = _parse_line(line) if (line := lines.get(digest)) is not None else None
+            if listed is None or (body := f"{digest}.{packed.token(listed[1])}") not in present:
+                self.scan_reads += 1  # no line, a damaged one, or one of an earlier body
                 meta = self._read_entry(folder, f"{folder}/{entry}")
-                listed = None if meta is None else (meta.key, packed.pack(meta.listed()))
-            if listed is not None:
-                referenced.add(f"{digest}.{packed.token(listed[1])}")
-                found.append(listed)
+                if meta is None:
+                    continue
+                listed, body = (meta.key, packed.pack(meta.listed())), meta.file
+            referenced.add(body)
+            found.append(listed)
         removed = 0
         for entry in present - referenced:
             if entry.endswith((".json", ".tmp")):

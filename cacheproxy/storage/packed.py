@@ -3,9 +3,9 @@ what the index snapshot stores, written as hex (no field is taken apart and put 
 the way to disk and back).
 
 From the low bits up: the size (48 bits), whether OBS has it, whether it is an error answer
-(status >= 400), the body file's token (64 bits, 0: unknown), the first 60 bits of the sha256 and
-of the sha512 (0: not computed), and the last access in milliseconds on top, so that entries sort
-by it. Python keeps such an int in about 60 bytes, and the garbage collector never walks it.
+(status >= 400), whether the body file's token is known, the token (64 bits), the first 60 bits
+of the sha256 and of the sha512 (0: not computed), and the last access in milliseconds on top, so
+that entries sort by it. Python keeps such an int in about 60 bytes, and the garbage collector never walks it.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ SHORT_HEX = 15  # hex digits of a digest an entry keeps (60 bits)
 SIZE_BITS = 48
 REMOTE = 1 << SIZE_BITS
 ERROR = 1 << (SIZE_BITS + 1)
-_TOKEN_SHIFT = SIZE_BITS + 2
+_TOKEN_KNOWN = 1 << (SIZE_BITS + 2)  # a token of zeros is a token too
+_TOKEN_SHIFT = SIZE_BITS + 3
 _SHA256_SHIFT = _TOKEN_SHIFT + 64
 _SHA512_SHIFT = _SHA256_SHIFT + 60
 _ACCESS_SHIFT = _SHA512_SHIFT + 60
 _SIZE = (1 << SIZE_BITS) - 1
 _U64 = (1 << 64) - 1
 _U60 = (1 << 60) - 1
-BODY = _U64 << _TOKEN_SHIFT  # the bits that differ between two bodies of a key
+BODY = _U64 << _TOKEN_SHIFT | _TOKEN_KNOWN  # the bits that differ between two bodies of a key
 
 
 def short_digest(hexdigest: str) -> int:
@@ -33,12 +34,15 @@ def short_digest(hexdigest: str) -> int:
 
 
 def pack(item: Listed) -> int:
-    token = int(item.token, 16) if len(item.token) == 16 else 0  # 0: unknown, the store reads the object
+    try:
+        body = int(item.token, 16) << _TOKEN_SHIFT | _TOKEN_KNOWN if len(item.token) == 16 else 0
+    except ValueError:
+        body = 0  # unknown: a snapshot line without it is not taken, the store reads the object
     return (
         min(item.size, _SIZE)
         | (REMOTE if item.remote else 0)
         | (ERROR if item.error else 0)
-        | token << _TOKEN_SHIFT
+        | body
         | short_digest(item.sha256) << _SHA256_SHIFT
         | short_digest(item.sha512) << _SHA512_SHIFT
         | int(item.last_access * 1000) << _ACCESS_SHIFT
@@ -65,8 +69,7 @@ def size(entry: int) -> int:
 
 def token(entry: int) -> str:
     """The body file's token ("": unknown)."""
-    value = (entry >> _TOKEN_SHIFT) & _U64
-    return f"{value:016x}" if value else ""
+    return f"{(entry >> _TOKEN_SHIFT) & _U64:016x}" if entry & _TOKEN_KNOWN else ""
 
 
 def shorts(entry: int) -> tuple[int, int]:

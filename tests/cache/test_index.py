@@ -15,7 +15,7 @@ from cacheproxy.cache.index import Index
 from cacheproxy.storage import packed
 from cacheproxy.storage.base import ObjectMeta
 
-from ..conftest import MakeProxy, curl
+from ..conftest import MakeProxy, Proxy, curl
 from ..origin import Origin
 
 
@@ -70,6 +70,43 @@ async def test_objects_not_in_memory_are_answered_from_the_store(
     assert index.keys() == kept  # p1, p2, p3, p0 went, oldest first, down to the low watermark
     files = {p.name.split(".")[0] for p in (store / "objects").rglob("*") if p.is_file()}
     assert files == {hashlib.sha256(u.encode()).hexdigest() for u in kept}, "the evicted objects' files are gone"
+
+
+async def test_a_body_named_with_a_token_of_zeros_is_kept(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Path
+) -> None:
+    """A body file is ``<digest>.<16 hex digits>``, drawn at random: all zeros is a name like any
+    other, through a scan of the store, the snapshot and an eviction."""
+    store = tmp_path / "store"
+    origin.add("/z.tar.gz", body=b"z" * 1000)
+    a = await make_proxy(store)
+    await a.get(origin.url("/z.tar.gz"))
+    await a.wait_idle()
+    (meta,) = await a.stored()
+    await a.state.cache.close()
+    folder = a.state.store.body_path(meta).parent
+    (folder / meta.file).rename(folder / (zeros := meta.file.split(".")[0] + "." + "0" * 16))
+    meta_path = folder / (meta.file.split(".")[0] + ".json")
+    meta_path.write_text(meta_path.read_text().replace(meta.file, zeros))
+    (store / "index.snapshot").unlink()
+    small = {"cache__max_size": 1500, "cache__high_watermark": 0.9, "cache__low_watermark": 0.5}
+
+    async def hit(proxy: Proxy) -> None:
+        response, got = await proxy.get(origin.url("/z.tar.gz"))
+        assert response.headers["X-Cache"] == "HIT" and got == b"z" * 1000
+        assert (folder / zeros).exists()
+
+    b = await make_proxy(store, **small)
+    assert b.state.store.scan_reads == 1  # read from its .json
+    await hit(b)
+    await b.state.cache.close()  # writes the snapshot
+    c = await make_proxy(store, **small)
+    assert c.state.store.scan_reads == 0  # taken from the snapshot
+    await hit(c)
+    origin.add("/y.tar.gz", body=b"y" * 1000)  # over the high watermark: z, the oldest, goes
+    await c.get(origin.url("/y.tar.gz"))
+    await c.wait_idle()
+    assert not (folder / zeros).exists() and not meta_path.exists()
 
 
 async def test_a_snapshot_of_the_old_format_is_ignored(make_proxy: MakeProxy, origin: Origin, tmp_path: Path) -> None:
