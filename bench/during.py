@@ -12,8 +12,7 @@ each phase, and wrk's p99 and maximum latency are reported beside the same run o
   miss from a local nginx a few seconds into the run commits an object and sets off a pass that
   evicts half the store; the pass's duration comes from the log;
 - OBS listing: SeaweedFS with ``--keys`` objects under the prefix (uploaded by 32 threads),
-  ``index_refresh`` 5 s, without a bucket budget (the listing is not kept) and with one
-  (``max_age``: it is); the listing's duration comes from the log, and the RSS growth it left.
+  ``index_refresh`` 5 s; the listing's duration comes from the log, and the RSS growth it left.
 
 Results in DIR/during.json.
 """
@@ -114,20 +113,17 @@ def obs_phase(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             "    signature: v4\n    path_style: true\n"
         )
         scale.make_store(root / "obs-store", HOT)  # the objects the clients ask for, stored locally
-        # Without a bucket budget the listing is not kept; with one (max_age, here too long to
-        # remove anything) it is, as packed ints.
-        for name, budget in (("obs_listing", ""), ("obs_listing_budget", "    max_age: 3650d\n")):
-            server, log = start(root, name, root / "obs-store", obs + budget)
-            try:
-                time.sleep(2)
-                before = bench.tree_rss(server.proc.pid)
-                results[name] = latency(root, server, args.seconds, args.connections)
-                results[name]["rss_growth_bytes"] = bench.tree_rss(server.proc.pid) - before
-            finally:
-                server.stop()
-            listings = logged(log, r"listed OBS bucket \S+: (\d+) objects in ([\d.]+)s")
-            results[name]["listings"] = [{"objects": int(n), "seconds": float(s)} for n, s in listings]
-            print(name, results[name], flush=True)
+        server, log = start(root, "obs", root / "obs-store", obs)
+        try:
+            time.sleep(2)
+            before = bench.tree_rss(server.proc.pid)
+            results["obs_listing"] = latency(root, server, args.seconds, args.connections)
+            results["obs_listing"]["rss_growth_bytes"] = bench.tree_rss(server.proc.pid) - before
+        finally:
+            server.stop()
+        listings = logged(log, r"listed OBS bucket \S+: (\d+) objects in ([\d.]+)s")
+        results["obs_listing"]["listings"] = [{"objects": int(n), "seconds": float(s)} for n, s in listings]
+        print("obs", results["obs_listing"], flush=True)
     finally:
         weed.stop()
     return results

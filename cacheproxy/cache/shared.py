@@ -15,7 +15,7 @@ import asyncio
 import collections
 import itertools
 import logging
-import operator
+import math
 import os
 import socket
 import time
@@ -29,8 +29,7 @@ from ..storage.obs import ObsStore, ObsUnavailable
 
 log = logging.getLogger(__name__)
 
-_SIZE_BITS = 44  # 16 TiB
-_SIZE = (1 << _SIZE_BITS) - 1
+AGE_SLICES = 4096  # most time slices of Ages (then they double in length)
 KNOWN = 10_000  # remote objects whose metadata is kept after a HEAD
 LEASE_RENEW = 5.0  # seconds between rewrites of a held lease (each one changes its ETag)
 LEASE_STALE = 30.0  # a lease unchanged this long belongs to a fetch that died: taken over
@@ -40,20 +39,37 @@ UPLOAD_TRIES = 3  # in a row after a commit; then the periodic retry takes over
 RETRY_SOON = 5.0  # seconds between looks at OBS while it fails (instead of index_refresh)
 
 
-def _listed(size: int, modified: float) -> int:
-    """A listed object's write time (ms) and size in one int, so that ints sort by age: 36 bytes
-    where a tuple with a float took 100, and nothing the garbage collector walks. (Kept as
-    RemoteEntry NamedTuples, which it never stops tracking, a listing of 100 000 made each full
-    collection walk them all: up to 51 ms, and requests waited for it.)"""
-    return int(modified * 1000) << _SIZE_BITS | min(size, _SIZE)
+class Ages:
+    """The bucket's bytes by when each object was written, in time slices that double in length
+    whenever more than ``AGE_SLICES`` are needed: what a budget needs of a listing, in memory that
+    does not grow with the bucket. (Kept whole, a listing of 1 000 000 keys took 200 MB, twice that
+    while the next one came in, and the loop stalled up to 150 ms while its dict grew or was freed.)"""
 
+    def __init__(self) -> None:
+        self.width = 1  # seconds per slice
+        self.slices: dict[int, int] = {}  # slice (write time // width) -> bytes
+        self.total = 0
 
-def _size(listed: int) -> int:
-    return listed & _SIZE
+    def add(self, modified: float, size: int) -> None:
+        self.total += size
+        at = int(modified) // self.width
+        self.slices[at] = self.slices.get(at, 0) + size
+        if len(self.slices) > AGE_SLICES:
+            self.width *= 2
+            merged: dict[int, int] = {}
+            for at, size in self.slices.items():
+                merged[at // 2] = merged.get(at // 2, 0) + size
+            self.slices = merged
 
-
-def _modified(listed: int) -> float:
-    return (listed >> _SIZE_BITS) / 1000
+    def cutoff(self, budget: int) -> float:
+        """The write time before which objects go, oldest first, for at most ``budget`` bytes
+        to stay (to a slice: what is left may be up to one slice below the budget)."""
+        total = self.total
+        for at in sorted(self.slices):
+            if total <= budget:
+                return float(at * self.width)
+            total -= self.slices[at]
+        return math.inf if self.slices else -math.inf  # all of it (a budget of 0), or nothing there
 
 
 class SharedTier:
@@ -65,8 +81,7 @@ class SharedTier:
         self.problem: str | None = "not checked yet"
         self.failing = False  # the last call failed: lookups skip OBS until a check succeeds
         self.objects = 0  # in the bucket at the last listing
-        # Object key -> its listing entry, packed (_listed): kept only for a budget (see refresh).
-        self.entries: dict[str, int] = {}
+        self.ages = Ages()  # of the last listing
         self.listed_at = 0.0
         # Objects seen by a HEAD, with when: trusted for index_refresh, and dropped sooner when
         # a listing shows the object gone or rewritten (another instance revalidated it, say).
@@ -110,10 +125,8 @@ class SharedTier:
                 pass
 
     async def refresh(self) -> None:
-        """Check the bucket and list it (all pages); on failure keep the last view and say why.
-        The listing itself is kept only when a budget (``max_size``, ``max_age``) needs it: a
-        bucket of 1 000 000 keys takes about 200 MB that way, twice that while the next listing
-        comes in."""
+        """Check the bucket and list it (all pages, as they arrive: nothing per object is kept
+        but the bytes by age); on failure keep the last view and say why."""
         problem = await self.remote.check_writable()
         if problem is not None:
             self._failed(problem)
@@ -122,19 +135,18 @@ class SharedTier:
         # What a HEAD showed: dropped when the listing shows it gone or rewritten since.
         known = {meta.remote: (key, seen) for key, (meta, seen) in self._known.items()}
         changed = set(known)  # object keys, until the listing shows them unchanged
-        entries: dict[str, int] = {}
+        ages = Ages()
         objects = 0
         try:
             async for entry in self.remote.entries():
                 objects += 1
-                if self.budgeted:
-                    entries[entry.object_key] = _listed(entry.size, entry.modified)
+                ages.add(entry.modified, entry.size)
                 if entry.object_key in known and entry.modified <= known[entry.object_key][1]:
                     changed.discard(entry.object_key)
         except ObsUnavailable as exc:
             self._failed(str(exc))
             return
-        self.entries, self.objects, self.listed_at = entries, objects, time.time()
+        self.ages, self.objects, self.listed_at = ages, objects, time.time()
         log.info("listed OBS bucket %s: %d objects in %.1fs", self.remote.bucket, objects, time.monotonic() - started)
         self.failing = False
         for object_key in changed:
@@ -274,7 +286,6 @@ class SharedTier:
         if stored is not None:
             await self.remote.delete_key(object_key)
             await self.remote.delete_digest_markers(stored)
-        self.entries.pop(object_key, None)
         return there
 
     def is_own(self, url: URL) -> bool:
@@ -315,8 +326,6 @@ class SharedTier:
                 meta.remote = stored.remote
                 await self.local.update_meta(meta)  # the local copy may now be evicted
                 self.pending.pop(meta.key, None)
-                if self.budgeted:
-                    self.entries[stored.remote] = _listed(meta.size, time.time())
                 self.remember(stored)
                 return
             log.info("upload of %s postponed: OBS %s", meta.url, self.problem)
@@ -331,34 +340,30 @@ class SharedTier:
         return self.config.max_size is not None or self.config.max_age is not None
 
     async def cleanup(self) -> int:
-        """Oldest-first removal above ``max_size`` and of objects older than ``max_age``."""
+        """Oldest-first removal above ``max_size`` and of objects older than ``max_age``: a
+        listing finds the write time before which objects go, a second one removes them."""
         if not self.budgeted:
             return 0
         await self.refresh()
         if self.problem is not None:
             return 0
-        ordered = sorted(self.entries.items(), key=operator.itemgetter(1))  # oldest first
-        doomed: dict[str, int] = {}  # object key -> size
+        cutoff = -math.inf
         if self.config.max_age is not None:
             cutoff = time.time() - self.config.max_age
-            doomed = {k: _size(listed) for k, listed in ordered if _modified(listed) < cutoff}
         if self.config.max_size is not None:
-            total = sum(map(_size, self.entries.values())) - sum(doomed.values())
-            for object_key, listed in ordered:
-                if total <= self.config.max_size:
-                    break
-                if object_key not in doomed:
-                    doomed[object_key] = _size(listed)
-                    total -= doomed[object_key]
+            cutoff = max(cutoff, self.ages.cutoff(self.config.max_size))
+        if cutoff == -math.inf:
+            return 0
         known = {meta.remote: key for key, (meta, _) in self._known.items()}
-        for object_key in doomed:
-            try:
-                await self.remote.delete_key(object_key)
-            except ObsUnavailable as exc:
-                self._failed(str(exc))
-                break
-            self.entries.pop(object_key, None)
-            self._known.pop(known.get(object_key, ""), None)
+        doomed = 0
+        try:
+            async for entry in self.remote.entries():
+                if entry.modified < cutoff:
+                    await self.remote.delete_key(entry.object_key)
+                    self._known.pop(known.get(entry.object_key, ""), None)
+                    doomed += 1
+        except ObsUnavailable as exc:
+            self._failed(str(exc))
         if doomed:
-            log.info("OBS clean-up removed %d objects from bucket %s", len(doomed), self.remote.bucket)
-        return len(doomed)
+            log.info("OBS clean-up removed %d objects from bucket %s", doomed, self.remote.bucket)
+        return doomed
