@@ -114,10 +114,11 @@ class Index:
         building: DigestMap = {}
         self._building = building
         try:
-            items = list(self._entries.items())
-            for start in range(0, len(items), BUILD_SLICE):
-                for key, entry in items[start : start + BUILD_SLICE]:
-                    if self._entries.get(key) == entry:  # not replaced or removed meanwhile
+            keys = self.keys()
+            for start in range(0, len(keys), BUILD_SLICE):
+                for key in keys[start : start + BUILD_SLICE]:
+                    entry = self._entries.get(key)
+                    if entry is not None:  # not removed meanwhile (what is added goes into building too)
                         _link(building, key, entry)
                 await asyncio.sleep(0)
             if self._by_digest is None:  # a lookup did not build it meanwhile
@@ -175,8 +176,14 @@ class Index:
         return [k for k, e in self._entries.items() if not e & packed.REMOTE]
 
     def listing(self) -> Iterator[Entry]:
-        """Every key and entry, for the snapshot: of a copy taken now."""
-        return iter(dict(self._entries).items())
+        """Every key and entry, for the snapshot: the keys of now, each with its entry as it is
+        when consumed (one removed meanwhile is left out). A list of the keys is quick to take;
+        a copy of the dict took up to 290 ms at 1 000 000 objects, once touches had left gaps in
+        it, and requests waited for it."""
+        for key in self.keys():
+            entry = self._entries.get(key)
+            if entry is not None:
+                yield key, entry
 
     def keep_resident(self, other: Index) -> None:
         """Keep what ``other`` holds in memory of the objects this index has the same body of."""

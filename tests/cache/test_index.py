@@ -3,6 +3,7 @@ whole metadata in memory; the others are read from the store when a request need
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hashlib
 from dataclasses import replace
@@ -146,3 +147,16 @@ def test_metadata_kept_in_memory_is_not_walked_by_the_garbage_collector() -> Non
     gc.collect()
     gc.collect()  # the pairs are let go at the first, the tuple holding them at the second
     assert not gc.is_tracked(meta.headers)
+
+
+async def test_an_object_used_while_the_digest_map_is_built_is_in_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_module, "BUILD_SLICE", 1)
+    index = Index()
+    metas = [ObjectMeta(f"k{i}", f"k{i}", 1, str(i) * 64, "", 1.0, 1.0, file=f"d.{i:016x}") for i in range(1, 4)]
+    for meta in metas:
+        index.add(meta.key, packed.pack(meta.listed()))
+    building = asyncio.create_task(index.build_digests())
+    await asyncio.sleep(0)  # the first slice is linked
+    index.touched("k3", 1234.5)  # a hit on an object not linked yet changes its entry
+    await building
+    assert [index.by_digest(m.sha256) for m in metas] == [["k1"], ["k2"], ["k3"]]
