@@ -56,7 +56,7 @@ def start(root: Path, name: str, store: Path, extra: str) -> tuple[bench.Server,
         f"log: {{level: info, access_log: {root / (name + '-access.log')}}}\n" + extra.format(store=store)
     )
     with log.open("wb") as stderr:
-        proc = bench.subprocess.Popen([sys.executable, "-m", "cacheproxy", "-c", str(config)], stderr=stderr)
+        proc = bench.cacheproxy_process(config, stderr=stderr)
     bench.wait_for(lambda: bench.http_ok(f"http://127.0.0.1:{port}/_cacheproxy/readyz"), name, timeout=900)
     return bench.Server(name, port, proc), log
 

@@ -27,7 +27,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from obs import ObsClient  # noqa: E402
-from run import Server, free_port, http_ok, make_files, side_bench_args, start_nginx, wait_for  # noqa: E402
+from run import (  # noqa: E402
+    Server,
+    cacheproxy_process,
+    free_port,
+    http_ok,
+    make_files,
+    side_bench_args,
+    start_nginx,
+    wait_for,
+)
 from tls import curl_many, curl_speed, median_speed  # noqa: E402
 
 from tests.seaweed import ACCESS_KEY, SECRET_KEY, Seaweed, start_seaweed  # noqa: E402
@@ -63,7 +72,7 @@ def start_instance(root: Path, name: str, workers: int, endpoint: str, serve_hit
         "limits: {per_client_rps: 1000000000, per_client_burst: 1000000000, per_client_concurrency: 100000}\n"
         f"log: {{level: warning, access_log: {root / (name + '-access.log')}}}\n"
     )
-    proc = subprocess.Popen([sys.executable, "-m", "cacheproxy", "-c", str(config)])
+    proc = cacheproxy_process(config)
     wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/_cacheproxy/healthz"), name, timeout=120)
     return Server(name, port, proc)
 

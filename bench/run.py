@@ -209,6 +209,17 @@ max_filedescriptors 16384
     return Server("squid", port, proc)
 
 
+def cacheproxy_process(config: Path, **popen: Any) -> subprocess.Popen[bytes]:
+    """``python -m cacheproxy -c config``, of the checkout this bench is in, or of the one
+    PYTHONPATH names (how an A/B run chooses the code). It runs in the config's folder: with
+    ``-m`` the working directory comes first on the path, so a run started from another checkout
+    measured that checkout's code, whatever PYTHONPATH said."""
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(HERE.parent)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cacheproxy", "-c", str(config)], cwd=config.parent, env=env, **popen
+    )
+
+
 def start_cacheproxy(
     root: Path,
     workers: int,
@@ -231,7 +242,7 @@ def start_cacheproxy(
     )
     started = time.monotonic()
     stderr = open(root / f"{name}-{port}.stderr", "wb")  # the child keeps its own descriptor
-    proc = subprocess.Popen([sys.executable, "-m", "cacheproxy", "-c", str(config)], stderr=stderr)
+    proc = cacheproxy_process(config, stderr=stderr)
     stderr.close()
     ready = f"http://127.0.0.1:{port}/_cacheproxy/readyz"
     wait_for(lambda: http_ok(ready), "cacheproxy", timeout=ready_timeout)

@@ -28,7 +28,19 @@ from pathlib import Path
 import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import HERE, MiB, Server, free_port, http_ok, make_file, make_files, port_open, side_bench_args, wait_for
+from run import (
+    HERE,
+    MiB,
+    Server,
+    cacheproxy_process,
+    free_port,
+    http_ok,
+    make_file,
+    make_files,
+    port_open,
+    side_bench_args,
+    wait_for,
+)
 
 
 def start_https_nginx(root: Path, files: Path, cert: Path, key: Path) -> Server:
@@ -73,7 +85,7 @@ def start_intercepting_cacheproxy(root: Path, workers: int, origin_port: int, or
         "limits: {per_client_rps: 1000000000, per_client_burst: 1000000000, per_client_concurrency: 100000}\n"
         f"log: {{level: warning, access_log: {root / 'access.log'}}}\n"
     )
-    proc = subprocess.Popen([sys.executable, "-m", "cacheproxy", "-c", str(config)])
+    proc = cacheproxy_process(config)
     wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/_cacheproxy/readyz"), "cacheproxy", timeout=120)
     return Server("cacheproxy", port, proc), ca_dir / "ca.pem"
 
