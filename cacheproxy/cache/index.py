@@ -33,7 +33,7 @@ from ..storage.base import Entry, Listed, ObjectMeta
 from ..storage.packed import short_digest
 
 DigestMap = dict[int, str | set[str]]
-BUILD_SLICE = 10_000  # objects linked between two turns of the event loop
+BUILD_SLICE = 1000  # objects linked between two turns of the event loop (about 1 ms; see SNAPSHOT_SLICE)
 RESIDENT = 20_000  # most recently used objects whose whole metadata stays in memory
 
 
