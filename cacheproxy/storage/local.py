@@ -59,8 +59,8 @@ def _read_small(path: str) -> bytes:
 
 READ_PIECE = 1 << 20
 SNAPSHOT_HEADER = b"cacheproxy index snapshot 3\n"
-# Snapshot lines made between two turns of the event loop (about 0.5 ms). A request needs several
-# turns (read, handler, send), each waiting for a slice: 1 000 lines a slice made p99 50 ms.
+# Snapshot lines made between two turns of the event loop (about 0.5 ms): a request needs several
+# turns (read, handler, send), and each may wait for a slice.
 SNAPSHOT_SLICE = 100
 
 
