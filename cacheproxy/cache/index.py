@@ -30,7 +30,6 @@ from collections.abc import Iterator
 
 from ..storage import packed
 from ..storage.base import Entry, Listed, ObjectMeta
-from ..storage.packed import short_digest
 
 DigestMap = dict[int, str | set[str]]
 BUILD_SLICE = 1000  # objects linked between two turns of the event loop (about 1 ms; see SNAPSHOT_SLICE)
@@ -102,7 +101,7 @@ class Index:
             self._by_digest = {}
             for key, entry in self._entries.items():
                 _link(self._by_digest, key, entry)
-        keys = self._by_digest.get(short_digest(hexdigest))
+        keys = self._by_digest.get(packed.short_digest(hexdigest))
         if keys is None:
             return []
         return [keys] if isinstance(keys, str) else sorted(keys)

@@ -57,8 +57,8 @@ class Ages:
         if len(self.slices) > AGE_SLICES:
             self.width *= 2
             merged: dict[int, int] = {}
-            for at, size in self.slices.items():
-                merged[at // 2] = merged.get(at // 2, 0) + size
+            for start, held in self.slices.items():
+                merged[start // 2] = merged.get(start // 2, 0) + held
             self.slices = merged
 
     def cutoff(self, budget: int) -> float:
@@ -124,6 +124,10 @@ class SharedTier:
             except TimeoutError:
                 pass
 
+    def _known_by_object_key(self) -> dict[str, tuple[str, float]]:
+        """What a HEAD showed, by object key: (cache key, when)."""
+        return {meta.remote: (key, seen) for key, (meta, seen) in self._known.items()}
+
     async def refresh(self) -> None:
         """Check the bucket and list it (all pages, as they arrive: nothing per object is kept
         but the bytes by age); on failure keep the last view and say why."""
@@ -133,7 +137,7 @@ class SharedTier:
             return
         started = time.monotonic()
         # What a HEAD showed: dropped when the listing shows it gone or rewritten since.
-        known = {meta.remote: (key, seen) for key, (meta, seen) in self._known.items()}
+        known = self._known_by_object_key()
         changed = set(known)  # object keys, until the listing shows them unchanged
         ages = Ages()
         objects = 0
@@ -354,13 +358,13 @@ class SharedTier:
             cutoff = max(cutoff, self.ages.cutoff(self.config.max_size))
         if cutoff == -math.inf:
             return 0
-        known = {meta.remote: key for key, (meta, _) in self._known.items()}
+        known = self._known_by_object_key()
         doomed = 0
         try:
             async for entry in self.remote.entries():
                 if entry.modified < cutoff:
                     await self.remote.delete_key(entry.object_key)
-                    self._known.pop(known.get(entry.object_key, ""), None)
+                    self._known.pop(known.get(entry.object_key, ("", 0.0))[0], None)
                     doomed += 1
         except ObsUnavailable as exc:
             self._failed(str(exc))
