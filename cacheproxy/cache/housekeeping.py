@@ -1,9 +1,16 @@
 """Keeping the store in shape: access times, the index snapshot, eviction, clean-up.
 
+A hit writes nothing to disk: its access time goes into the index, and the index snapshot
+(written at every clean-up and clean stop) keeps it for the next start, as Squid's swap.state and
+nginx's cache keys zone do. Rewriting each used object's ``.json`` instead cost a file rewrite
+per object and clean-up, in the I/O pool, and its JSON work in a thread made the event loop wait
+for the GIL: hits took up to 400 ms while a clean-up ran. Several workers share their access times
+through the snapshot: each clean-up takes the later of its own and the snapshot's.
+
 Eviction removes the least recently used objects when the store passes ``cache.high_watermark``
 of ``cache.max_size``, down to ``cache.low_watermark``, never one that is being filled or that
 the shared tier does not hold yet. The periodic clean-up (``cache.cleanup_interval``) also writes
-access times and the index snapshot, takes in what other workers stored, removes expired error
+the index snapshot, takes in what other workers stored or used, removes expired error
 answers and leftovers of interrupted fills. Stored error answers (a 404, 410, ...) are bounded by
 count and bytes on their own, so that clients asking for random missing URLs cannot crowd out
 the archives.
@@ -60,26 +67,18 @@ class Housekeeper:
         self.hot = hot
         self._errors: collections.OrderedDict[str, int] = collections.OrderedDict()  # key -> size
         self._error_bytes = 0
-        self._dirty: dict[str, ObjectMeta] = {}  # key -> the object whose last_access to persist
         self._evicting = False
         self.requested: collections.Counter[str] = collections.Counter()  # hits per key, since start
 
     def touch(self, meta: ObjectMeta) -> None:
         meta.last_access = time.time()
         self.index.touched(meta.key, meta.last_access)
-        self._dirty[meta.key] = meta
         self.requested[meta.key] += 1
         if len(self.requested) > POPULAR_KEPT:  # keep the counts bounded: the most requested stay
             self.requested = collections.Counter(dict(self.requested.most_common(POPULAR_KEPT // 2)))
 
     async def save_snapshot(self) -> None:
         await self.store.write_snapshot(self.index.listing())
-
-    async def flush_access_times(self) -> None:
-        dirty, self._dirty = self._dirty, {}
-        for key, meta in dirty.items():
-            if key in self.index:
-                await self.store.run(self.store.touch_sync, meta)
 
     async def _meta(self, key: str) -> ObjectMeta | None:
         """``key``'s whole metadata (None: removed meanwhile, and forgotten)."""
@@ -172,12 +171,12 @@ class Housekeeper:
         """``key`` is being removed: out of the index and of what is kept for it."""
         self._forget_error(key)
         self.index.remove(key)
-        self._dirty.pop(key, None)
         self.hot.discard(key)
 
     async def reload_index(self) -> None:
-        """Take in what other workers stored or removed since the last look: their new objects
-        go to the recent end, the known ones keep their place (a folder of the store at a time)."""
+        """Take in what other workers stored, used or removed since the last look: their new
+        objects go to the recent end, and so do known ones another worker used since this one
+        did (a folder of the store at a time)."""
         index = self.index
         listed: set[str] = set()
         async for found in self.store.listing():
@@ -187,6 +186,8 @@ class Housekeeper:
                     index.add(key, entry)
                     if entry & packed.ERROR:
                         self._note_error(key, packed.size(entry))
+                elif packed.accessed(entry) > index.accessed(key):
+                    index.touched(key, packed.accessed(entry) / 1000)
         for key in index.least_recently_used(len(index)):
             if key not in listed:
                 index.remove(key)
@@ -200,8 +201,7 @@ class Housekeeper:
             self._note_error(key, size)
 
     async def cleanup(self) -> None:
-        """Periodic: persist access times, evict, remove leftovers of interrupted fills."""
-        await self.flush_access_times()
+        """Periodic: the snapshot, eviction, leftovers of interrupted fills, expired error answers."""
         if self.config.workers > 1:
             await self.reload_index()
         await self.save_snapshot()

@@ -61,8 +61,14 @@ class Index:
         return self._resident.get(key)
 
     def put(self, meta: ObjectMeta) -> None:
-        """A whole object (committed, read from the store, or changed): kept, and in memory."""
-        self.add(meta.key, packed.pack(meta.listed()))
+        """A whole object (committed, read from the store, or changed): kept, and in memory.
+        A body this index knows keeps the later access time (its ``.json`` has the one of when
+        it was written)."""
+        entry = packed.pack(meta.listed())
+        if self.same_body(meta.key, entry) and (known := self.accessed(meta.key)) > packed.accessed(entry):
+            meta.last_access = known / 1000
+            entry = packed.with_access(entry, meta.last_access)
+        self.add(meta.key, entry)
         self._resident[meta.key] = meta
         self._resident.move_to_end(meta.key)
         while len(self._resident) > RESIDENT:
@@ -146,6 +152,11 @@ class Index:
     def holds(self, meta: ObjectMeta) -> bool:
         """Whether ``meta``'s body is the one this index has for its key."""
         return self.same_body(meta.key, packed.pack(meta.listed()))
+
+    def accessed(self, key: str) -> int:
+        """The last access of ``key``, in ms (0: not known)."""
+        entry = self._entries.get(key)
+        return 0 if entry is None else packed.accessed(entry)
 
     def touched(self, key: str, when: float) -> None:
         """``key`` was just used: it goes to the most recently used end."""

@@ -164,7 +164,6 @@ class Cache:
             self._digests.cancel()
         self.fetcher.pump.close()
         self.hot.close()
-        await self.housekeeper.flush_access_times()
         if self._snapshot is not None:
             await asyncio.gather(self._snapshot, return_exceptions=True)
         await self.save_snapshot()

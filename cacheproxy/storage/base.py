@@ -236,7 +236,7 @@ class Spool(Storage):
     Besides :class:`Storage` it gives what streaming needs: bodies as files (sendfile for hits,
     reads of a fill's growing temp file), a folder for the lock files of fills
     (:mod:`.flight`), blocking helpers for the I/O pool, and the bookkeeping of a disk store
-    (snapshot, access times, leftovers of interrupted fills, disk usage).
+    (snapshot, leftovers of interrupted fills, disk usage).
     """
 
     tmp_dir: Path  # temp files of fills and their lock and head files
@@ -268,10 +268,6 @@ class Spool(Storage):
     @abstractmethod
     def delete_listed_sync(self, items: Iterable[Listed]) -> None:
         """Remove these objects (blocking): an eviction pass's batch, named by the index."""
-
-    @abstractmethod
-    def touch_sync(self, meta: ObjectMeta) -> None:
-        """Persist ``meta.last_access`` (blocking)."""
 
     @abstractmethod
     def remove_stale_temp(self) -> int:

@@ -463,14 +463,6 @@ class LocalStore(Spool):
         """Remove temp files of fills that no process runs any more (blocking; run in the pool)."""
         return flight.remove_unowned(self.tmp_dir)
 
-    def touch_sync(self, meta: ObjectMeta) -> None:
-        """Persist ``meta.last_access`` unless another worker replaced or removed the object."""
-        current = self.stat_sync(meta.key)
-        if current is None or current.file != meta.file or current.last_access >= meta.last_access:
-            return
-        current.last_access = meta.last_access
-        self.write_meta_sync(current)
-
     def disk_usage(self) -> tuple[int, int]:
         """(total, free) bytes of the filesystem holding the store."""
         usage = shutil.disk_usage(self.root)

@@ -160,3 +160,63 @@ async def test_an_object_used_while_the_digest_map_is_built_is_in_it(monkeypatch
     index.touched("k3", 1234.5)  # a hit on an object not linked yet changes its entry
     await building
     assert [index.by_digest(m.sha256) for m in metas] == [["k1"], ["k2"], ["k3"]]
+
+
+async def test_a_hit_writes_nothing_and_its_access_time_outlives_a_restart(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Access times live in the index and its snapshot: hits and a clean-up leave every ``.json``
+    as it was, an object read back from the store keeps the time of its last hit (not the one its
+    ``.json`` was written with), and the next start has them."""
+    monkeypatch.setattr(index_module, "RESIDENT", 1)
+    store = tmp_path / "store"
+    a = await make_proxy(store)
+    urls = [origin.url(f"/t{i}.tar.gz") for i in range(3)]
+    for i, url in enumerate(urls):
+        origin.add(f"/t{i}.tar.gz", body=body(i))
+        await a.get(url)
+        await a.wait_idle()
+    written = {path: path.read_bytes() for path in (store / "objects").rglob("*.json")}
+    assert len(written) == 3
+    await asyncio.sleep(0.01)  # the hits' time differs from the commit's by a few ms at least
+    for url in (urls[0], urls[1]):  # t0 is read from the store, then pushed out of memory by t1
+        response, _ = await a.get(url)
+        assert response.headers["X-Cache"] == "HIT"
+    index = a.state.cache.index
+    hit_at = index.accessed(urls[0])
+    assert index.get(urls[0]) is None
+    meta = await a.state.cache.stored(urls[0])  # read back from its .json
+    assert meta is not None and meta.last_access == hit_at / 1000
+    assert index.accessed(urls[0]) == hit_at
+    await a.state.cache.housekeeper.cleanup()
+    await a.state.cache.close()
+    assert {path: path.read_bytes() for path in (store / "objects").rglob("*.json")} == written
+
+    b = await make_proxy(store)
+    assert b.state.store.scan_reads == 0, "every entry came from the snapshot"
+    assert [b.state.cache.index.accessed(u) for u in urls] == [index.accessed(u) for u in urls]
+    assert index.accessed(urls[1]) > hit_at > index.accessed(urls[2])
+
+
+async def test_workers_share_their_access_times_through_the_snapshot(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Path
+) -> None:
+    """Two processes on one store: what one used since the other looked goes to the other's
+    recent end at its next clean-up, so neither evicts what the other's clients use."""
+    store = tmp_path / "store"
+    a = await make_proxy(store)
+    b = await make_proxy(store)
+    urls = [origin.url(f"/w{i}.tar.gz") for i in range(3)]
+    for i, url in enumerate(urls):
+        origin.add(f"/w{i}.tar.gz", body=body(i))
+        await a.get(url)
+        await a.wait_idle()
+    await b.state.cache.housekeeper.reload_index()
+    assert sorted(b.state.cache.index.keys()) == sorted(urls), "b took in what a stored"
+    await asyncio.sleep(0.01)
+    response, _ = await a.get(urls[0])
+    assert response.headers["X-Cache"] == "HIT"
+    await a.state.cache.housekeeper.cleanup()  # writes the snapshot
+    await b.state.cache.housekeeper.reload_index()
+    assert b.state.cache.index.keys()[-1] == urls[0]
+    assert b.state.cache.index.accessed(urls[0]) == a.state.cache.index.accessed(urls[0])
