@@ -1,11 +1,11 @@
 """Keeping the store in shape: access times, the index snapshot, eviction, clean-up.
 
 A hit writes nothing to disk: its access time goes into the index, and the index snapshot
-(written at every clean-up and clean stop) keeps it for the next start, as Squid's swap.state and
-nginx's cache keys zone do. Rewriting each used object's ``.json`` instead cost a file rewrite
-per object and clean-up, in the I/O pool, and its JSON work in a thread made the event loop wait
-for the GIL: hits took up to 400 ms while a clean-up ran. Several workers share their access times
-through the snapshot: each clean-up takes the later of its own and the snapshot's.
+(written at every clean-up and clean stop) keeps it for the next start, as Squid's swap.state
+does (nginx keeps them in its keys zone only), rather than a rewrite of each used object's
+``.json`` at every clean-up (which the snapshot's line made redundant at the next start). Several workers share
+their access times through the snapshot: each clean-up takes the later of its own and the
+snapshot's.
 
 Eviction removes the least recently used objects when the store passes ``cache.high_watermark``
 of ``cache.max_size``, down to ``cache.low_watermark``, never one that is being filled or that
