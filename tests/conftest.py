@@ -60,7 +60,7 @@ class Proxy:
     async def stored(self) -> list[ObjectMeta]:
         """The stored objects, least recently used first (read from the store where need be)."""
         cache = self.state.cache
-        found = [await cache.stored(key) for key in cache.index.keys()]
+        found = [await cache.stored(key) for key in cache.index.by_access()]
         return [m for m in found if m is not None]
 
     async def wait_idle(self, timeout: float = 10.0) -> None:

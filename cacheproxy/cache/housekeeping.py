@@ -37,7 +37,6 @@ from .shared import SharedTier
 log = logging.getLogger(__name__)
 
 ERROR_ANSWERS = 10_000  # stored error answers kept at most ...
-EVICT_BATCH = 1000  # least recently used objects looked at a time by an eviction pass
 DELETE_BATCH = 100  # objects an eviction pass removes in one trip to the I/O pool
 POPULAR_KEPT = 10_000  # keys whose hit count is kept for the status page
 ERROR_BYTES = 64 << 20  # ... and bytes of them in all
@@ -87,6 +86,10 @@ class Housekeeper:
             self._forget_error(key)
         return meta
 
+    def _spared(self, key: str) -> bool:
+        """Whether an eviction pass leaves ``key`` alone: being filled, or not in OBS yet (the only copy)."""
+        return key in self.fills or (self.shared is not None and key in self.shared.pending)
+
     def capacity(self) -> int:
         total, _ = self.store.disk_usage()
         return self.config.cache.max_size.resolve(total)
@@ -103,25 +106,26 @@ class Housekeeper:
         started = time.monotonic()
         try:
             target = capacity * self.config.cache.low_watermark
-            skipped: set[str] = set()
             while self.index.total_size > target:
-                batch = [k for k in self.index.least_recently_used(EVICT_BATCH + len(skipped)) if k not in skipped]
-                if not batch:
-                    break
-                doomed: list[Listed] = []
-                for key in batch:
-                    if self.index.total_size <= target:
-                        break
-                    if key in self.fills or (self.shared is not None and key in self.shared.pending):
-                        skipped.add(key)  # being filled, or not in OBS yet (the only copy)
-                        continue
-                    item = self.index.listed(key)
-                    if item is not None:
-                        self._forget(key)
-                        doomed.append(item)
+                since = time.time()
+                doomed = await self.index.oldest(int(self.index.total_size - target), since, self._spared)
+                removed = 0
                 for start in range(0, len(doomed), DELETE_BATCH):  # a few trips to the I/O pool, not two per object
-                    await self.store.run(self.store.delete_listed_sync, doomed[start : start + DELETE_BATCH])
-                evicted += len(doomed)
+                    batch: list[Listed] = []
+                    for key in doomed[start : start + DELETE_BATCH]:
+                        if self.index.total_size <= target:
+                            break
+                        item = self.index.listed(key)
+                        # Still there, not used and not being filled since the look (a pass can take minutes).
+                        if item is not None and item.last_access <= since and not self._spared(key):
+                            self._forget(key)
+                            batch.append(item)
+                    if batch:
+                        await self.store.run(self.store.delete_listed_sync, batch)
+                        removed += len(batch)
+                evicted += removed
+                if not removed:
+                    break  # what is left is being filled, not in OBS yet, or just used
             self.metrics.evictions.inc(evicted)
             log.info(
                 "evicted %d objects in %.1fs; store now %d bytes",
@@ -188,7 +192,7 @@ class Housekeeper:
                         self._note_error(key, packed.size(entry))
                 elif packed.accessed(entry) > index.accessed(key):
                     index.touched(key, packed.accessed(entry) / 1000)
-        for key in index.least_recently_used(len(index)):
+        for key in index.keys():
             if key not in listed:
                 index.remove(key)
                 self._forget_error(key)

@@ -132,7 +132,6 @@ class Cache:
         async for found in self.store.listing():
             for key, entry in found:
                 self.index.add(key, entry)
-        self.index.order_by_access()
         self.index.loaded = True
         self.housekeeper.count_errors()
         log.info(
