@@ -85,7 +85,7 @@ class Stats:
         fetched = sum(requests.get(r, 0) for r in FETCHED)
         total, free = state.store.disk_usage()
         keeper = cache.housekeeper
-        by_size = [m for m in [await cache.stored(k) for k in cache.index.largest(10)] if m is not None]
+        by_size = [m for m in [await cache.stored(k) for k in await cache.index.largest(10)] if m is not None]
         popular = [(cache.index.get(k), n) for k, n in keeper.requested.most_common(20)]
         return {
             "instance": cache.alerts.instance,

@@ -179,7 +179,8 @@ class Index:
         bands per doubling of the age since ``now``), which gives the youngest band that goes;
         the second takes all that is older, and the oldest of that band (sorted, when it holds
         at most ``SORTED_AT_MOST``) until ``size`` is reached. Only that band is ever sorted, so
-        a pass costs about a microsecond of loop time an object, however much it removes.
+        a pass costs about 2.5 µs of loop time an object (1 000 000: 2.5 s, in turns of 2 ms),
+        however much it removes.
         """
         when = int(now * 1000)
         by_band: collections.Counter[int] = collections.Counter()
@@ -187,7 +188,7 @@ class Index:
         def count(key: str, entry: int) -> None:
             by_band[_band(when, entry)] += packed.size(entry)
 
-        await self._each_unspared(spare, count)
+        await self._each(count, spare)
         if not by_band:
             return []
         cutoff, total = -1, 0
@@ -208,7 +209,7 @@ class Index:
             elif band == cutoff:
                 edge.append((packed.accessed(entry), key, packed.size(entry)))
 
-        await self._each_unspared(spare, take)
+        await self._each(take, spare)
         if len(edge) <= SORTED_AT_MOST:
             edge.sort()
         for _, key, bytes_ in edge:
@@ -218,17 +219,30 @@ class Index:
             needed -= bytes_
         return older
 
-    async def _each_unspared(self, spare: Callable[[str], bool], visit: Callable[[str, int], None]) -> None:
+    async def _each(self, visit: Callable[[str, int], None], spare: Callable[[str], bool] | None = None) -> None:
+        """``visit`` every key there is and its entry (but those ``spare`` names), a slice at a time."""
         keys = self.keys()
         for start in range(0, len(keys), SCAN_SLICE):
             for key in keys[start : start + SCAN_SLICE]:
                 entry = self._entries.get(key)
-                if entry is not None and not spare(key):
+                if entry is not None and (spare is None or not spare(key)):
                     visit(key, entry)
             await asyncio.sleep(0)
 
-    def largest(self, n: int) -> list[str]:
-        return [k for k, _ in heapq.nlargest(n, self._entries.items(), key=lambda item: packed.size(item[1]))]
+    async def largest(self, n: int) -> list[str]:
+        """The keys of the ``n`` largest objects, largest first (a look at every entry, a slice
+        at a time: in one go it held the loop 0.24 s at 1 000 000 objects)."""
+        heap: list[tuple[int, str]] = []
+
+        def visit(key: str, entry: int) -> None:
+            item = (packed.size(entry), key)
+            if len(heap) < n:
+                heapq.heappush(heap, item)
+            elif item > heap[0]:
+                heapq.heapreplace(heap, item)
+
+        await self._each(visit)
+        return [key for _, key in sorted(heap, reverse=True)]
 
     def errors(self) -> list[tuple[str, int]]:
         """(key, size) of the stored error answers."""
