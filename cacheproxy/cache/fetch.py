@@ -61,6 +61,7 @@ class Fetcher:
         mirrors: MirrorMap,
         *,
         hit: Callable[[ObjectMeta, str], Hit],
+        reusable: Callable[[ObjectMeta, Mapping[str, str]], bool],
         from_store: Callable[[str], Awaitable[ObjectMeta | None]],
         touch: Callable[[ObjectMeta], None],
         stored: Callable[[ObjectMeta], Awaitable[None]],
@@ -75,6 +76,7 @@ class Fetcher:
         self.fills = fills
         self.alerts = alerts
         self.hit = hit
+        self.reusable = reusable
         self.from_store = from_store
         self.touch = touch
         self.stored = stored
@@ -109,16 +111,18 @@ class Fetcher:
                 raise UpstreamFailed("another worker's fill of this URL did not produce a response; try again")
             current = await self.store.stat(fill.key)
             if current is not None and _newer(current, stale) and vary_matches(current.vary, fill.request_headers):
+                # Another worker stored it after this request looked: answered by the same rules as
+                # any stored object (a no-cache answer, or a request's no-cache, validates it).
                 self.index.put(current)
-                fill.set_outcome(self.hit(current, "HIT"))  # another worker stored it just before we got the lock
-                fill.finish()
-                return
+                if self._answered_from(fill, current):
+                    return
+                stale = current
             if self.shared is not None and stale is None:
                 other = await self.shared.lease(fill.key)  # another instance may be fetching it
                 if other is not None and vary_matches(other.vary, fill.request_headers):
-                    fill.set_outcome(self.hit(other, "HIT"))
-                    fill.finish()
-                    return
+                    if self._answered_from(fill, other):
+                        return
+                    stale = other
             try:
                 await self._fetch(fill, url, stale, forward, lock)
             finally:
@@ -159,6 +163,13 @@ class Fetcher:
                 if await self.store.run(watch.owner_done):
                     return await self._follow_done(fill, None, stale)
                 await asyncio.sleep(FOLLOW_POLL)
+            if await self.store.run(watch.complete, head):
+                # Its last byte is in: not joined, as in this process (Cache.get); what it stores
+                # answers this request by the rules of any stored object.
+                while True:
+                    if await self.store.run(watch.owner_done):
+                        return await self._follow_done(fill, None, stale)
+                    await asyncio.sleep(FOLLOW_POLL)
             try:
                 fill.start_streaming(head.part, Head(CIMultiDict(head.headers), head.size, head.status))
             except FileNotFoundError:  # committed (renamed) between reading the head and opening it
@@ -191,7 +202,14 @@ class Fetcher:
             return True
         if current is None or not _newer(current, stale) or not vary_matches(current.vary, fill.request_headers):
             return False
-        fill.set_outcome(self.hit(current, "HIT"))
+        return self._answered_from(fill, current)  # False: this process validates it under the lock
+
+    def _answered_from(self, fill: Fill, stored: ObjectMeta) -> bool:
+        """Answer ``fill`` with what another worker or instance stored after its request looked,
+        if that may be used without validation (False: it must be validated first)."""
+        if not self.reusable(stored, fill.request_headers):
+            return False
+        fill.set_outcome(self.hit(stored, "HIT"))
         fill.finish()
         return True
 

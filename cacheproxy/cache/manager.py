@@ -94,6 +94,7 @@ class Cache:
             self.alerts,
             self.mirrors,
             hit=self.hit,
+            reusable=self.reusable,
             from_store=self.from_store,
             touch=self.touch,
             stored=self.housekeeper.stored,
@@ -216,6 +217,10 @@ class Cache:
         if usable == VALIDATE and req == PLAIN and (window := stale_while_revalidate(meta.header_pairs())):
             return reuse(meta.lifetime, meta.must_revalidate, meta.initial_age, meta.response_time, now, req, window)
         return usable
+
+    def reusable(self, meta: ObjectMeta, headers: Mapping[str, str]) -> bool:
+        """Whether a request with ``headers`` may be answered with ``meta`` without validating it."""
+        return self._usable(meta, headers, request_directives(headers)) == FRESH
 
     def fresh(self, url: URL, headers: Mapping[str, str]) -> Hit | None:
         """The fresh hit for a plain request (no credentials, no Cache-Control) that this process

@@ -123,6 +123,16 @@ class Watch:
         headers = [(str(k), str(v)) for k, v in data["headers"]]
         return HeadFile(self._spool / data["part"], headers, data["size"], int(data.get("status", 200)))
 
+    def complete(self, head: HeadFile) -> bool:
+        """Whether the owner has all of the body (it is committing it): the part file is as long
+        as the head says, or was renamed into the store already."""
+        if head.size is None:
+            return False
+        try:
+            return head.part.stat().st_size >= head.size
+        except FileNotFoundError:
+            return True
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
