@@ -159,17 +159,12 @@ class Fetcher:
         """
         watch = await self.store.run(Watch, self.store.tmp_dir, fill.key)
         try:
-            while (head := await self.store.run(watch.head)) is None:
+            # Wait for a body that is still arriving. One whose last byte is in is not joined, as
+            # in this process (Cache.get): what it stores answers by the rules of any stored object.
+            while (head := await self.store.run(watch.head)) is None or await self.store.run(watch.complete, head):
                 if await self.store.run(watch.owner_done):
                     return await self._follow_done(fill, None, stale)
                 await asyncio.sleep(FOLLOW_POLL)
-            if await self.store.run(watch.complete, head):
-                # Its last byte is in: not joined, as in this process (Cache.get); what it stores
-                # answers this request by the rules of any stored object.
-                while True:
-                    if await self.store.run(watch.owner_done):
-                        return await self._follow_done(fill, None, stale)
-                    await asyncio.sleep(FOLLOW_POLL)
             try:
                 fill.start_streaming(head.part, Head(CIMultiDict(head.headers), head.size, head.status))
             except FileNotFoundError:  # committed (renamed) between reading the head and opening it

@@ -36,6 +36,17 @@ async def twenty_clients(origin_url: str, *proxies: Proxy) -> list[bytes]:
         return await asyncio.gather(*(one(i) for i in range(20)))
 
 
+async def leases_probed(proxy: Proxy) -> bool | None:
+    """Whether the endpoint refuses a second If-None-Match: * PUT, once the instance has probed it."""
+    shared = proxy.state.shared
+    assert shared is not None
+    for _ in range(200):
+        if shared.leases_work is not None:
+            break
+        await asyncio.sleep(0.05)
+    return shared.leases_work
+
+
 async def test_instances_on_one_local_volume_fetch_once(make_proxy: MakeProxy, origin: Origin, tmp_path: Path) -> None:
     origin.add("/one-volume-1.0.tar.gz", body=BODY, rate=8 << 20)
     a = await make_proxy(tmp_path / "shared")
@@ -53,13 +64,7 @@ async def test_instances_sharing_a_bucket_fetch_once(
     a = await make_proxy(tmp_path / "a", **config)
     b = await make_proxy(tmp_path / "b", **config)
     for proxy in (a, b):  # the endpoint was probed: it refuses a second If-None-Match: * PUT
-        shared = proxy.state.shared
-        assert shared is not None
-        for _ in range(200):
-            if shared.leases_work is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert shared.leases_work is True
+        assert await leases_probed(proxy) is True
     bodies = await twenty_clients(origin.url("/one-bucket-1.0.tar.gz"), a, b)
     assert all(body == BODY for body in bodies)
     assert origin.hits("/one-bucket-1.0.tar.gz") == 1
@@ -82,11 +87,8 @@ async def test_a_lease_whose_fetch_died_is_taken_over(
     monkeypatch.setattr(shared_module, "LEASE_STALE", 1.0)
     origin.add("/orphan-1.0.tar.gz", body=b"orphan" * 1000)
     a = await make_proxy(tmp_path / "a", **seaweed.obs_config(bucket))
+    await leases_probed(a)
     assert a.state.shared is not None
-    for _ in range(200):
-        if a.state.shared.leases_work is not None:
-            break
-        await asyncio.sleep(0.05)
     key = a.state.cache.key_for(URL(origin.url("/orphan-1.0.tar.gz")))
     assert await a.state.shared.remote.take_lease(key, "an instance that died")
     response, body = await a.get(origin.url("/orphan-1.0.tar.gz"))
@@ -165,12 +167,7 @@ async def test_what_another_instance_uploaded_after_the_look_is_validated_when_i
     response, _ = await a.get(origin.url("/late-bucket.txt"))
     assert response.status == 200
     await uploaded(a)
-    shared = b.state.shared
-    assert shared is not None
-    for _ in range(200):
-        if shared.leases_work is not None:
-            break
-        await asyncio.sleep(0.05)
+    assert await leases_probed(b) is True
     url = URL(origin.url("/late-bucket.txt"))
     fill = b.state.cache.fetcher.start(b.state.cache.key_for(url), url, None, {})
     outcome = await asyncio.wait_for(asyncio.shield(fill.head), 10)
